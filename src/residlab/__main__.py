@@ -1,0 +1,3 @@
+from residlab.cli import main
+
+raise SystemExit(main())

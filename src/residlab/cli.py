@@ -1,0 +1,105 @@
+"""The ``residlab`` command. Heavy imports happen inside commands so ``--help`` is instant.
+
+Bad input (``ValueError`` / ``LookupError`` raised with a how-to-fix message) becomes one line
+on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from residlab.config import NoisingConfig, load_config, parse_override
+
+__all__ = ["main"]
+
+log = logging.getLogger("residlab")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, status 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config`` plus one override flag per config key (``--num_prompts`` / ``--num-prompts``)."""
+    parser.add_argument("--config", help="YAML config (seed keys accepted as-is)")
+    group = parser.add_argument_group("config overrides (YAML values; 0,2,4 is a list)")
+    for name, field in NoisingConfig.model_fields.items():
+        flags = sorted({f"--{name}", f"--{name.replace('_', '-')}"}, key=len)
+        group.add_argument(*flags, dest=f"set_{name}", metavar="V", help=field.description)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {key.removeprefix("set_"): parse_override(value)
+            for key, value in vars(args).items()
+            if key.startswith("set_") and value is not None}
+
+
+def _noise_generate(args: argparse.Namespace) -> None:
+    from residlab.noising.generate import run_generate
+
+    overrides = _overrides(args)
+    if args.resume:
+        if overrides:
+            raise ValueError("a resumed run keeps its own config; drop the override flags "
+                             f"({', '.join(overrides)}) or start a new run")
+        run = run_generate(resume=args.resume, cov_sqrt=args.cov_sqrt)
+    else:
+        run = run_generate(load_config(args.config, overrides), cov_sqrt=args.cov_sqrt)
+    print(f"run: {run}")
+
+
+def _noise_covariance(args: argparse.Namespace) -> None:
+    from residlab.noising.covariance import run_covariance
+
+    print(f"covariance: {run_covariance(load_config(args.config, _overrides(args)))}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="residlab", description="Residual-stream experiments on chat models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    noise = commands.add_parser("noise", help="residual noising runner")
+    stages = noise.add_subparsers(dest="stage", required=True, parser_class=_Parser)
+
+    generate = stages.add_parser("generate", help="generate with noise added to a layer")
+    _add_config_flags(generate)
+    generate.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    generate.add_argument("--cov-sqrt", "--cov_sqrt", dest="cov_sqrt", metavar="NPY",
+                          help="shape noise with this cov_sqrt.npy")
+    generate.set_defaults(handler=_noise_generate)
+
+    covariance = stages.add_parser("covariance", help="estimate the residual covariance")
+    _add_config_flags(covariance)
+    covariance.set_defaults(handler=_noise_covariance)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    handler: Callable[[argparse.Namespace], None] = args.handler
+    try:
+        handler(args)
+    except (ValueError, LookupError) as error:
+        print(f"residlab: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("residlab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""Typed configs. Seed YAML files work as they are; unknown keys are errors with a suggestion."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["RUN_EXTRAS", "NoisingConfig", "load_config", "parse_override"]
+
+# Sections a run adds to its config.yaml; ignored when that file is used as a config again.
+RUN_EXTRAS = ("provenance", "noise_shaping")
+
+
+class NoisingConfig(BaseModel):
+    """Everything the noising runner needs; field names are the YAML keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- the seed's keys ---
+    model_name: str = Field("default", description="hub id, local directory, or 'default'")
+    reference_model_name: str | None = Field(None, description="scorer; defaults to model_name")
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dataset_name: str | None = Field(
+        None, description="hub dataset in the lmsys-chat-1m schema; None or 'builtin' = built-in set"
+    )
+    num_prompts: int = Field(1000, ge=1)
+    max_prompt_len: int = Field(256, ge=1, description="drop prompts longer than this (tokens)")
+    batch_size: int = Field(8, ge=1, description="rows per forward pass")
+    max_new_tokens: int = Field(128, ge=1)
+    layer_index: int = Field(6, description="block whose residual stream gets the vector")
+    noise_norms: list[float] | None = Field(None, description="norm sweep; else [noise_norm]")
+    noise_norm: float | None = None
+    num_noise_vectors: int = Field(8, ge=1)
+    seed: int = 0
+    output_dir: str = "noising/outputs"
+    # --- additions ---
+    dataset_split: str = "train"
+    dataset_path: str | None = Field(None, description="local .parquet / .jsonl, same schema")
+    shuffle: bool = False
+    system_prompt: str | None = None
+    site: Literal["resid_pre", "resid_post", "attn_out", "mlp_out"] = "resid_pre"
+    positions: Literal["all", "prompt", "generated"] = "all"
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    shape_noise: bool = True
+    cov_sqrt_path: str | None = None
+    cov_batches: int = Field(10, ge=1)
+    cov_exclude_first: bool = False
+    device: str = "auto"
+    trust_remote_code: bool = False
+    layers_path: str | None = None
+
+    @field_validator("noise_norms")
+    @classmethod
+    def _norms_ok(cls, norms: list[float] | None) -> list[float] | None:
+        for norm in norms or []:
+            if not math.isfinite(norm) or norm < 0:
+                raise ValueError(f"noise norm {norm} must be a finite number >= 0")
+        return norms
+
+    @field_validator("noise_norm")
+    @classmethod
+    def _norm_ok(cls, norm: float | None) -> float | None:
+        return None if norm is None else cls._norms_ok([norm])[0]
+
+    @model_validator(mode="after")
+    def _sweep_given(self) -> NoisingConfig:
+        if not self.noise_norms and self.noise_norm is None:
+            raise ValueError("set noise_norms (a list of scales) or noise_norm")
+        return self
+
+    @property
+    def scales(self) -> list[float]:
+        """The norm sweep: ``noise_norms`` or ``[noise_norm]``."""
+        return list(self.noise_norms) if self.noise_norms else [float(self.noise_norm)]
+
+    @property
+    def reference_model(self) -> str:
+        return self.reference_model_name or self.model_name
+
+
+def _explain(error: ValidationError, model: type[BaseModel]) -> str:
+    """One line for the first problem, with the closest valid key for unknown ones."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(where, model.model_fields, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"unknown config key {where!r}{hint}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"config key {where!r}: {message}" if where else f"config: {message}"
+
+
+def load_config(
+    path: str | Path | None, overrides: dict[str, Any] | None = None,
+    model: type[BaseModel] = NoisingConfig,
+):
+    """Read YAML at ``path`` (may be None), apply ``overrides``, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} not found; pass --config path/to.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            line = f" at line {mark.line + 1}" if mark else ""
+            raise ValueError(f"config file {str(path)!r} is not valid YAML{line}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} must be a mapping of keys to values")
+        data = {key: value for key, value in (loaded or {}).items() if key not in RUN_EXTRAS}
+    data.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    try:
+        return model(**data)
+    except ValidationError as error:
+        raise ValueError(_explain(error, model)) from None
+
+
+def parse_override(text: str) -> Any:
+    """A command-line value as YAML (``4``, ``true``, ``[1, 2]``); ``1,2,4`` is a list."""
+    if "," in text and not text.lstrip().startswith(("[", "{", '"', "'")):
+        return [yaml.safe_load(part) for part in text.split(",")]
+    return yaml.safe_load(text)

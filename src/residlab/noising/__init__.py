@@ -1,0 +1,1 @@
+"""The residual noising runner: generate, covariance (one module per pipeline stage)."""
