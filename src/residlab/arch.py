@@ -39,7 +39,9 @@ class Layout:
 
 
 _PRE_NORM = Layout("model", "layers", "norm", "self_attn", "mlp")
-_POST_NORM = Layout("model", "layers", "norm", "post_attention_layernorm", "post_feedforward_layernorm")
+_POST_NORM = Layout(
+    "model", "layers", "norm", "post_attention_layernorm", "post_feedforward_layernorm"
+)
 
 LAYOUTS: dict[str, Layout] = {
     "llama": _PRE_NORM,

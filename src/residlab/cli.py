@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """``--config`` plus one override flag per config key (``--num_prompts`` / ``--num-prompts``)."""
+    """``--config`` plus one override flag per key (``--num_prompts`` or ``--num-prompts``)."""
     parser.add_argument("--config", help="YAML config (seed keys accepted as-is)")
     group = parser.add_argument_group("config overrides (YAML values; 0,2,4 is a list)")
     for name, field in NoisingConfig.model_fields.items():

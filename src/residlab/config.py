@@ -26,7 +26,7 @@ class NoisingConfig(BaseModel):
     reference_model_name: str | None = Field(None, description="scorer; defaults to model_name")
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     dataset_name: str | None = Field(
-        None, description="hub dataset in the lmsys-chat-1m schema; None or 'builtin' = built-in set"
+        None, description="hub dataset in the lmsys-chat-1m schema; None/'builtin': built-in"
     )
     num_prompts: int = Field(1000, ge=1)
     max_prompt_len: int = Field(256, ge=1, description="drop prompts longer than this (tokens)")

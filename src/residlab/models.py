@@ -69,7 +69,9 @@ def resolve_device(device: str = "auto") -> torch.device:
         try:
             return torch.device(device)
         except RuntimeError:
-            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+            raise ValueError(
+                f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps"
+            ) from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -142,8 +144,10 @@ def _embedded_dir() -> tuple[Path, dict[str, Any]]:
     if (target / "config.json").is_file():
         return target, provenance
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     log.info("first use of the embedded model: dequantising %s (once, ~15 s)", gguf.name)
+    hf_logging.enable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -233,7 +237,9 @@ def load_model(
 ) -> LoadedModel:
     """Load ``name`` (hub id, local dir, or ``default``) in eval mode on one device."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # loading from safetensors takes a second
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     quantization = _quantization(load_in_8bit, load_in_4bit, torch_device)

@@ -1,0 +1,144 @@
+"""Tiny seeded models built from configs (no downloads) and the embedded model for slow tests.
+
+The tiny models share a small byte-level BPE tokenizer trained here, with a ChatML template,
+so the whole pipeline (templating, padding, stop tokens) runs as on a real chat model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Explain how tides work and why there are two a day.",
+    "Write a short poem about autumn leaves falling softly.",
+    "def add(a, b): return a + b  # a tiny python function",
+    "Quelle est la capitale de la France? Paris, bien sûr.",
+    "How do I bake bread at home with flour, water, salt and yeast?",
+] * 20
+MAX_TINY_PARAMS = 1_000_000
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return _train_tokenizer()
+
+
+def _save_tiny(root: Path, name: str, config, tokenizer) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < MAX_TINY_PARAMS, f"tiny {name} model has {n_params} parameters"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    path = root / name
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _token_ids(tokenizer) -> dict:
+    return {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, **_token_ids(tiny_tokenizer))
+    return _save_tiny(tmp_path_factory.mktemp("models"), "tiny-llama", config, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512,
+                        **_token_ids(tiny_tokenizer))
+    return _save_tiny(tmp_path_factory.mktemp("models"), "tiny-gpt2", config, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          max_position_embeddings=512, sliding_window=64,
+                          **_token_ids(tiny_tokenizer))
+    return _save_tiny(tmp_path_factory.mktemp("models"), "tiny-gemma2", config, tiny_tokenizer)
+
+
+def load_fp32(path: Path):
+    from residlab.models import load_model
+
+    return load_model(str(path), dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    return load_fp32(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_dir):
+    return load_fp32(tiny_gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2(tiny_gemma2_dir):
+    return load_fp32(tiny_gemma2_dir)
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_gpt2", "tiny_gemma2"])
+def tiny_model(request):
+    """Each tiny layout in turn (Llama pre-norm, GPT-2, Gemma2 post-norm)."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct in fp32 (slow tests only)."""
+    from residlab.models import load_model
+
+    return load_model("default", dtype="fp32", device="cpu")
+
+
+def chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    from residlab.prompts import template_ids
+
+    return [template_ids(tokenizer, [{"role": "user", "content": text}])[1] for text in texts]
