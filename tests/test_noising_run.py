@@ -136,3 +136,19 @@ def test_exclude_first_drops_one_token_per_prompt(tmp_path, tiny_llama, tiny_lla
     keep[torch.arange(3), mask.argmax(dim=1)] = False
     vectors = capture.values()[keep].double().numpy()
     np.testing.assert_allclose(skipped.cov, np.cov(vectors, rowvar=False), atol=1e-5, rtol=1e-4)
+
+
+def test_plan_covers_every_combination_once():
+    from residlab.noising.runs import plan_shards
+    from residlab.prompts import ChatPrompt
+
+    prompts = [ChatPrompt(i, [], "", list(range(n))) for i, n in enumerate([5, 9, 7])]
+    for share in (False, True):
+        shards = plan_shards(prompts, 4, [0.0, 1.0, 2.0], 5, share_zero=share)
+        assert all(len(shard) <= 5 for shard in shards)
+        rows = [row for shard in shards for row in shard]
+        covered = [(r.prompt, v, r.scale) for r in rows for v in (r.noise_id, *r.shared_with)]
+        assert sorted(covered) == sorted((p, v, s) for p in range(3) for v in range(4)
+                                         for s in range(3))
+        assert len(rows) == (3 * 4 * 3 if not share else 3 * (4 * 2 + 1))
+        assert [r.prompt for r in rows][:1] == [1]  # longest prompt first

@@ -77,8 +77,8 @@ def generate_shard(
     for row, out in zip(rows, outputs, strict=True):
         prompt = prompts[row.prompt]
         text_ids = [token for token in out.token_ids if token not in stops]
-        records.append({
-            "noise_id": row.noise_id,
+        records += [{
+            "noise_id": noise_id,
             "noise_scale": scales[row.scale],
             "prompt_index": prompt.index,
             "messages": prompt.messages,
@@ -87,7 +87,7 @@ def generate_shard(
             "prompt_token_ids": prompt.token_ids,
             "response_token_ids": out.token_ids,
             "finish_reason": out.finish_reason,
-        })
+        } for noise_id in (row.noise_id, *row.shared_with)]
     return records
 
 
@@ -138,7 +138,8 @@ def run_generate(
         run, prompts, noises = _start(cfg, loaded, arch, cov_sqrt)
     else:
         prompts, noises = run.read_prompts(), run.read_noises(cfg.num_noise_vectors)
-    shards = plan_shards(prompts, cfg.num_noise_vectors, len(cfg.scales), cfg.batch_size)
+    shards = plan_shards(prompts, cfg.num_noise_vectors, cfg.scales, cfg.batch_size,
+                         share_zero=not cfg.do_sample)
     todo = [i for i in range(len(shards)) if not run.shard_file(i).is_file()]
     if run.gens_files() and not (run.path / "shards").exists():
         todo = []  # finished earlier

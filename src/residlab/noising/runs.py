@@ -11,8 +11,9 @@
 
 Work is a list of rows ``(prompt, noise vector, scale)``; a shard is ``batch_size``
 consecutive rows, so all scales and vectors of a prompt share a batch and need no padding
-between them. Shards are independent: any worker can compute any shard, and a run resumes by
-computing the shards whose files are missing.
+between them. Under greedy decoding a zero-norm row is the same generation for every vector,
+so it is computed once and recorded for all of them. Shards are independent: any worker can
+compute any shard, and a run resumes by computing the shards whose files are missing.
 """
 
 from __future__ import annotations
@@ -38,14 +39,25 @@ class WorkRow:
     prompt: int
     noise_id: int
     scale: int
+    shared_with: tuple[int, ...] = ()  # other noise ids whose generation this row also is
 
 
 def plan_shards(
-    prompts: list[ChatPrompt], n_vectors: int, n_scales: int, batch_size: int
+    prompts: list[ChatPrompt], n_vectors: int, scales: list[float], batch_size: int,
+    *, share_zero: bool,
 ) -> list[list[WorkRow]]:
-    """All rows, grouped by prompt (longest prompts first), cut into ``batch_size`` shards."""
+    """All rows, grouped by prompt (longest prompts first), cut into ``batch_size`` shards.
+
+    With ``share_zero`` (greedy decoding), each prompt's zero-norm rows collapse into one.
+    """
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i].token_ids), i))
-    rows = [WorkRow(p, v, s) for p in order for v in range(n_vectors) for s in range(n_scales)]
+    rows = []
+    for p in order:
+        for s, scale in enumerate(scales):
+            if share_zero and scale == 0:
+                rows.append(WorkRow(p, 0, s, tuple(range(1, n_vectors))))
+            else:
+                rows += [WorkRow(p, v, s) for v in range(n_vectors)]
     return [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
 
 
