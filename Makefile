@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup browser demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +16,22 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 setup: $(STAMP)
 
-demo: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/residlab noise generate --config configs/example.yaml
+# The viewer's browser test drives Debian's chromium (Playwright's own download is not used).
+browser:
+	@[ -x /usr/bin/chromium ] || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: 'sudo apt-get install chromium' to run the browser test"; fi; }
 
-test: setup
+# generate -> eval -> viz on the embedded model; prints where the viewer is.
+demo: setup
+	@set -e; export HF_HUB_OFFLINE=1; \
+	run=$$($(VENV)/bin/residlab noise generate --config configs/example.yaml | sed -n 's/^run: //p'); \
+	$(VENV)/bin/residlab noise eval --config configs/example.yaml --run_dir "$$run"; \
+	$(VENV)/bin/residlab noise viz --config configs/example.yaml --run_dir "$$run" --top_n 100; \
+	echo "run directory: $$run"; echo "open $$run/viz.html in a browser"
+
+test: setup browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: setup

@@ -77,3 +77,18 @@ def test_sampling_is_seeded(tiny_llama):
         runs.append(generate_ids(tiny_llama.model, tiny_llama.tokenizer, prompts,
                                  max_new_tokens=8, do_sample=True, temperature=1.5, top_p=0.9))
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2", "tiny_gemma2"])
+def test_padded_prefill_equals_single_rows(request, fixture):
+    """Left padding with counted position ids: each row's logits as if it were alone."""
+    from residlab.generation import padded_inputs
+
+    loaded = request.getfixturevalue(fixture)
+    prompts = chat_ids(loaded.tokenizer, TEXTS)
+    inputs = padded_inputs(prompts, loaded.tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        batched = loaded.model(**inputs).logits
+        for row, ids in enumerate(prompts):
+            alone = loaded.model(torch.tensor([ids])).logits[0]
+            torch.testing.assert_close(batched[row, -len(ids):], alone, atol=1e-5, rtol=1e-4)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+import torch
 from torch import nn
 
 __all__ = ["SITES", "Arch", "Layout", "LAYOUTS", "Site", "resolve_arch", "unwrap_model"]
@@ -88,6 +89,16 @@ class Arch:
     attn_name: str | None
     mlp_name: str | None
     d_model: int
+    logit_softcap: float | None = None  # Gemma2/3 squash final logits with tanh
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final-normed hidden states ``(..., D) -> (..., V)``, as the LM head does."""
+        if self.unembed is None:
+            raise ValueError(f"no unembedding found for family {self.family!r}")
+        logits = self.unembed(hidden)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
     @property
     def n_layers(self) -> int:
@@ -119,9 +130,12 @@ class Arch:
         return _get(block, name)
 
 
+def _text_config(model: nn.Module):
+    return getattr(model.config, "text_config", None) or model.config
+
+
 def _hidden_size(model: nn.Module) -> int:
-    config = model.config
-    config = getattr(config, "text_config", None) or config
+    config = _text_config(model)
     for key in ("hidden_size", "n_embd", "d_model"):
         if isinstance(getattr(config, key, None), int):
             return getattr(config, key)
@@ -166,4 +180,5 @@ def resolve_arch(model: nn.Module, layers_path: str | None = None) -> Arch:
         attn_name=layout.attn,
         mlp_name=layout.mlp,
         d_model=_hidden_size(lm),
+        logit_softcap=getattr(_text_config(lm), "final_logit_softcapping", None),
     )

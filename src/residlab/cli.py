@@ -58,6 +58,32 @@ def _noise_covariance(args: argparse.Namespace) -> None:
     print(f"covariance: {run_covariance(load_config(args.config, _overrides(args)))}")
 
 
+def _noise_eval(args: argparse.Namespace) -> None:
+    from residlab.noising.eval import read_scored, run_eval, summarize
+
+    cfg = load_config(args.config, _overrides(args))
+    path, skipped = run_eval(cfg, args.run_dir, score_eos=not args.no_score_eos)
+    print(summarize(read_scored(path)))
+    print(f"scores: {path}")
+    if skipped:
+        first = skipped[0]
+        raise ValueError(f"skipped {len(skipped)} unreadable generation line(s) (first: "
+                         f"{first.path}:{first.line}: {first.reason}); the rest were scored")
+
+
+def _noise_viz(args: argparse.Namespace) -> None:
+    from residlab.noising.viz import run_viz
+
+    if args.config:
+        load_config(args.config)  # checked for consistency with the other stages
+    print(f"viewer: {run_viz(args.run_dir, top_n=args.top_n)}")
+
+
+def _run_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run_dir", "--run-dir", dest="run_dir", required=True,
+                        help="a run directory made by 'residlab noise generate'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="residlab", description="Residual-stream experiments on chat models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -75,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     covariance = stages.add_parser("covariance", help="estimate the residual covariance")
     _add_config_flags(covariance)
     covariance.set_defaults(handler=_noise_covariance)
+
+    evaluate = stages.add_parser("eval", help="score generations under a reference model")
+    _add_config_flags(evaluate)
+    _run_dir_flag(evaluate)
+    evaluate.add_argument("--no-score-eos", "--no_score_eos", dest="no_score_eos",
+                          action="store_true", help="leave the end-of-turn token unscored")
+    evaluate.set_defaults(handler=_noise_eval)
+
+    viz = stages.add_parser("viz", help="write RUN/viz.html to browse the worst generations")
+    viz.add_argument("--config", help="the run's config (optional)")
+    _run_dir_flag(viz)
+    viz.add_argument("--top_n", "--top-n", dest="top_n", type=int, default=100,
+                     help="worst examples kept per scale and ranking")
+    viz.set_defaults(handler=_noise_viz)
     return parser
 
 

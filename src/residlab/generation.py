@@ -14,7 +14,7 @@ import torch
 from residlab.arch import Arch
 from residlab.hooks import Intervention, intervene
 
-__all__ = ["Generated", "generate_ids", "left_pad", "stop_token_ids"]
+__all__ = ["Generated", "generate_ids", "left_pad", "padded_inputs", "stop_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,18 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device):
             input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
             attention_mask[i, width - len(row):] = 1
     return input_ids.to(device), attention_mask.to(device)
+
+
+def padded_inputs(rows: Sequence[Sequence[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Model inputs for one prefill forward over left-padded rows.
+
+    Position ids count real tokens only (as ``generate`` does), so models with absolute
+    position embeddings (GPT-2) see each row exactly as if it were alone.
+    """
+    input_ids, attention_mask = left_pad(rows, pad_id, device)  # (B, T)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": position_ids}
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:

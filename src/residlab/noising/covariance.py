@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from residlab.arch import resolve_arch
 from residlab.config import NoisingConfig
-from residlab.generation import left_pad
+from residlab.generation import padded_inputs
 from residlab.hooks import Capture, intervene
 from residlab.models import LoadedModel, load_model
 from residlab.store import write_npy, write_yaml
@@ -86,10 +86,10 @@ def fit_covariance(
     batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     pad = loaded.tokenizer.pad_token_id or 0
     for batch in tqdm(batches[: cfg.cov_batches], desc="covariance batches", disable=not progress):
-        input_ids, attention_mask = left_pad([p.token_ids for p in batch], pad, loaded.device)
+        inputs = padded_inputs([p.token_ids for p in batch], pad, loaded.device)
         capture = Capture(cfg.layer_index, cfg.site, positions="all")
         with torch.inference_mode(), intervene(loaded.model, [capture], arch=arch):
-            loaded.model(input_ids=input_ids, attention_mask=attention_mask)
+            loaded.model(**inputs)
         keep = capture.mask()  # (B, T) real tokens
         if cfg.cov_exclude_first:
             first = keep.int().argmax(dim=1)  # first real token of each row

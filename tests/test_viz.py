@@ -1,0 +1,158 @@
+"""The viewer: payload, escaping, and a real browser driving the page."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from residlab.cli import main
+from residlab.config import NoisingConfig
+from residlab.noising.eval import run_eval
+from residlab.noising.generate import run_generate
+from residlab.noising.viz import build_payload, render_html, run_viz
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+EVIL = [
+    "What does <script>window.__pwned = 1</script> do in a comment box?",
+    'Explain <img src=x onerror="window.__pwned = 2"> please',
+    "Close the tag </script><script>window.__pwned = 3</script> & more",
+    "Tell me about tides.", "How do plants drink water?", "What is a prime number?",
+]
+SCREENSHOT_DIR = Path(__file__).resolve().parents[1] / "test-output"
+
+
+@pytest.fixture(scope="module")
+def viz_run(tmp_path_factory, tiny_llama, tiny_llama_dir):
+    tmp = tmp_path_factory.mktemp("viz")
+    dataset = tmp / "evil.jsonl"
+    dataset.write_text("".join(
+        json.dumps({"conversation": [{"role": "user", "content": text}]}) + "\n" for text in EVIL))
+    cfg = NoisingConfig(model_name=str(tiny_llama_dir), dtype="fp32", device="cpu",
+                        dataset_path=str(dataset), num_prompts=6, batch_size=16,
+                        max_new_tokens=6, layer_index=1, noise_norms=[0.0, 2.0, 9.0],
+                        num_noise_vectors=3, seed=0, output_dir=str(tmp / "out"))
+    run_dir = run_generate(cfg, loaded=tiny_llama)
+    run_eval(cfg, run_dir, loaded=tiny_llama)
+    return run_dir, run_viz(run_dir, top_n=12)
+
+
+def _payload(html: str) -> dict:
+    start = html.index('type="application/json">') + len('type="application/json">')
+    return json.loads(html[start:html.index("</script>", start)])
+
+
+def test_payload_is_inert_and_complete(viz_run):
+    _, page = viz_run
+    html = page.read_text()
+    assert "<script>window.__pwned" not in html and "<img src=x" not in html
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")  # nothing fetched
+    payload = _payload(html)  # the escaped JSON still decodes to the original text
+    prompts = {m["content"] for ex in payload["examples"] for m in ex["messages"]}
+    assert set(EVIL[:3]) <= prompts
+    assert payload["scales"] == [0.0, 2.0, 9.0]
+    for lists in payload["ranking"]:
+        for metric, key in (("total", "total_logprob"), ("mean", "mean_logprob")):
+            values = [payload["examples"][i][key] for i in lists[metric]]
+            assert values == sorted(values) and len(values) <= 12
+    assert len(payload["ranking"][0]["total"]) == 6  # zero vector: one card per prompt
+    assert [v["noise_id"] for v in payload["vectors"]] != []
+    drops = [v["drop"] for v in payload["vectors"]]
+    assert drops == sorted(drops, reverse=True)
+
+
+def test_vector_table_against_numpy(viz_run):
+    import numpy as np
+
+    run_dir, page = viz_run
+    records = [json.loads(x) for x in (run_dir / "eval_logprobs.jsonl").read_text().splitlines()]
+    payload = _payload(page.read_text())
+    for row in payload["vectors"]:
+        mine = [r["mean_logprob"] for r in records if r["noise_id"] == row["noise_id"]]
+        at = {s: np.mean([r["mean_logprob"] for r in records
+                          if r["noise_id"] == row["noise_id"] and r["noise_scale"] == s])
+              for s in (0.0, 9.0)}
+        assert mine and row["drop"] == pytest.approx(at[0.0] - at[9.0])
+
+
+def test_render_escapes_line_separators():
+    html = render_html({"x": "a\u2028b</script>"} | build_payload(
+        [], top_n=1, run_name="r", config={}))
+    assert "\u2028" not in html and "</script>" in html  # only the template's own closers
+
+
+def test_viz_bad_input(tmp_path, capsys, viz_run):
+    assert main(["noise", "viz", "--run_dir", str(tmp_path)]) == 2
+    assert "not a noising run directory" in capsys.readouterr().err
+    run_dir, _ = viz_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "eval_logprobs.jsonl").unlink()
+    (copy / "viz.html").unlink()
+    assert main(["noise", "viz", "--run_dir", str(copy)]) == 2
+    assert "residlab noise eval" in capsys.readouterr().err
+    assert not (copy / "viz.html").exists()
+
+
+def _browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} missing: 'make test' installs Debian's chromium")
+        pytest.skip(f"{CHROMIUM} not installed (make test installs it)")
+    from playwright.sync_api import sync_playwright
+
+    return sync_playwright()
+
+
+def test_browser_drives_the_viewer(viz_run):
+    _, page_path = viz_run
+    with _browser() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1400})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("dialog", lambda dialog: errors.append("dialog: " + dialog.message))
+            page.goto(page_path.as_uri())
+            assert page.locator("#chart rect").count() == 3
+            assert page.locator("#chart polyline").count() == 3
+            # The injected markup is shown as text and ran nothing.
+            assert page.evaluate("window.__pwned") is None
+            texts = page.locator(".msg").all_inner_texts()
+            assert any("<script>window.__pwned = 1</script>" in t for t in texts)
+            assert page.locator(".card img").count() == 0
+
+            page.select_option("#scale", "9")
+            heads = page.locator(".card-head").all_inner_texts()
+            assert heads and all("scale 9" in h for h in heads)
+            first_page = page.locator(".card").first.inner_text()
+            assert page.locator("#page").inner_text().strip().startswith("page 1 of 2")
+            page.click("#next")
+            assert page.locator("#page").inner_text().strip().startswith("page 2 of 2")
+            assert page.locator(".card").first.inner_text() != first_page
+            page.click("#prev")
+
+            page.check("#rank-mean")
+            means = [float(h.split("mean ")[1].split()[0])
+                     for h in page.locator(".card-head").all_inner_texts()]
+            assert means == sorted(means)
+            assert "Mean per-token" in page.locator("#chart-title").inner_text()
+
+            token = page.locator(".tok").first
+            assert "log-prob" in token.get_attribute("title")
+            assert "background" in token.get_attribute("style")
+            colours = {page.locator(".tok").nth(i).evaluate("e => e.style.background")
+                       for i in range(min(20, page.locator(".tok").count()))}
+            assert len(colours) > 1  # tokens are coloured by their own values
+            assert page.locator("#vectors tr").count() == 1 + 3
+            assert errors == []
+            SCREENSHOT_DIR.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT_DIR / "viz.png"), full_page=True)
+        finally:
+            browser.close()
