@@ -42,6 +42,7 @@ lint: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_noising.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_eval.py
 
 clean:
 	rm -rf $(VENV) noising/outputs

@@ -57,7 +57,8 @@ def test_eval_matches_plain_forward(scored_run, tiny_llama):
         assert record["total_logprob"] == pytest.approx(sum(expected), abs=1e-3)
         assert record["n_tokens"] == len(gen["response_token_ids"])
         assert record["mean_logprob"] == pytest.approx(sum(expected) / len(expected), abs=1e-4)
-        assert record["scoring"] == "exact_ids" and record["assistant_text"] == gen["assistant_text"]
+        assert record["scoring"] == "exact_ids"
+        assert record["assistant_text"] == gen["assistant_text"]
         assert len(record["tokens"]) == record["n_tokens"]
 
 

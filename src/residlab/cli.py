@@ -84,6 +84,70 @@ def _run_dir_flag(parser: argparse.ArgumentParser) -> None:
                         help="a run directory made by 'residlab noise generate'")
 
 
+def _experiment_init(args: argparse.Namespace) -> None:
+    from residlab.experiments import init_experiment
+
+    print(f"experiment config: {init_experiment(args.name)}")
+
+
+def _experiment_flags(parser: argparse.ArgumentParser, *, model_flags: bool = True) -> None:
+    parser.add_argument("--experiment", required=True, help="experiments/{name}/config.yaml")
+    parser.add_argument("--prompt-set", "--prompt_set", dest="prompt_set", required=True,
+                        help="datasets/inference/{name}.json (nested names allowed)")
+    parser.add_argument("--model-variant", "--model_variant", dest="model_variant",
+                        help="variant (default: the experiment's defaults.application)")
+    parser.add_argument("--skip-existing", action="store_true", help="keep finished files")
+    parser.add_argument("--no-server", action="store_true",
+                        help="load the model locally (the only mode there is)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    if model_flags:
+        parser.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes, CUDA")
+        parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes, CUDA")
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{name} must be at least 1, not {value}")
+
+
+def _responses(args: argparse.Namespace) -> None:
+    from residlab.experiments import load_experiment, load_variant
+    from residlab.inference.responses import generate_responses
+
+    _positive("--max-new-tokens", args.max_new_tokens)
+    _positive("--limit", args.limit)
+    _positive("--batch-size", args.batch_size)
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, not {args.temperature}")
+    experiment = load_experiment(args.experiment)
+    loaded = None
+    if not args.from_responses and (args.load_in_8bit or args.load_in_4bit):
+        loaded = load_variant(experiment, args.model_variant, load_in_8bit=args.load_in_8bit,
+                              load_in_4bit=args.load_in_4bit)
+    written = generate_responses(
+        experiment, args.prompt_set, variant=args.model_variant,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, prefill=args.prefill,
+        from_responses=args.from_responses, skip_existing=args.skip_existing, limit=args.limit,
+        output_suffix=args.output_suffix, batch_size=args.batch_size, loaded=loaded)
+    folder = written[0].parent if written else "(nothing new to write)"
+    print(f"responses: {len(written)} written to {folder}")
+
+
+def _capture(args: argparse.Namespace) -> None:
+    from residlab.experiments import load_experiment
+    from residlab.inference.capture import capture_prompt_set
+
+    _positive("--batch-size", args.batch_size)
+    result = capture_prompt_set(
+        load_experiment(args.experiment), args.prompt_set, variant=args.model_variant,
+        responses_from=args.responses_from, layers=args.layers, capture_mlp=args.capture_mlp,
+        response_only=args.response_only, skip_existing=args.skip_existing, dtype=args.dtype,
+        batch_size=args.batch_size, load_in_8bit=args.load_in_8bit,
+        load_in_4bit=args.load_in_4bit)
+    print(f"captured: {len(result.written)} written, {result.skipped} already complete, "
+          f"in {result.out_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="residlab", description="Residual-stream experiments on chat models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -115,6 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--top_n", "--top-n", dest="top_n", type=int, default=100,
                      help="worst examples kept per scale and ranking")
     viz.set_defaults(handler=_noise_viz)
+
+    experiment = commands.add_parser("experiment", help="experiment folders")
+    actions = experiment.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    init = actions.add_parser("init", help="write experiments/NAME/config.yaml")
+    init.add_argument("name")
+    init.set_defaults(handler=_experiment_init)
+
+    responses = commands.add_parser("responses", help="generate or import response JSONs")
+    _experiment_flags(responses)
+    responses.add_argument("--max-new-tokens", type=int, default=50)
+    responses.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    responses.add_argument("--prefill", help="text appended after the generation prompt")
+    responses.add_argument("--from-responses", metavar="JSON",
+                           help="Mode B: a {prompt_id: response_text} file (tokenizer only)")
+    responses.add_argument("--limit", type=int, help="first N prompts only")
+    responses.add_argument("--output-suffix", help="write to responses/{prompt_set}_{suffix}")
+    responses.set_defaults(handler=_responses)
+
+    capture = commands.add_parser("capture", help="capture raw activations by prefill")
+    _experiment_flags(capture)
+    capture.add_argument("--layers", help="e.g. 25,27,30 or 10-45:3 (default: all)")
+    capture.add_argument("--capture-mlp", action="store_true", help="also mlp_contribution")
+    capture.add_argument("--response-only", action="store_true", help="save response tokens only")
+    capture.add_argument("--responses-from", metavar="VARIANT",
+                         help="run this variant on another variant's tokens (model-diff)")
+    capture.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                         help="storage dtype")
+    capture.set_defaults(handler=_capture)
     return parser
 
 

@@ -27,13 +27,24 @@ class ScoreRow:
     end: int
 
 
+SOFTMAX_ROWS = 16  # a (16, vocab) float32 block stays in cache: ~3x faster than big blocks
+
+
 def _log_probs(arch: Arch, hidden: torch.Tensor, targets: torch.Tensor, chunk: int):
-    """``(N,)`` float32 log p(target | hidden) for hidden ``(N, D)``, ``chunk`` rows at once."""
+    """``(N,)`` float32 log p(target | hidden) for hidden ``(N, D)``.
+
+    The LM head runs on ``chunk`` rows at a time (large matmuls are efficient); the float32
+    log-softmax runs on small row blocks of that, upcasting inside the kernel.
+    """
     out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.shape[0], chunk):
-        logits = arch.logits(hidden[start:start + chunk]).float()  # (c, V)
-        picked = logits.gather(1, targets[start:start + chunk, None])[:, 0]  # (c,)
-        out[start:start + chunk] = picked - torch.logsumexp(logits, dim=-1)
+        logits = arch.logits(hidden[start:start + chunk])  # (c, V), model dtype
+        for row in range(0, logits.shape[0], SOFTMAX_ROWS):
+            block = torch.log_softmax(logits[row:row + SOFTMAX_ROWS], dim=-1,
+                                      dtype=torch.float32)  # (s, V)
+            first = start + row
+            wanted = targets[first:first + block.shape[0], None]  # (s, 1)
+            out[first:first + block.shape[0]] = block.gather(1, wanted)[:, 0]
     return out
 
 

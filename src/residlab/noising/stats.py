@@ -11,7 +11,9 @@ __all__ = ["METRICS", "scale_quantiles", "vector_drops", "vector_means"]
 METRICS = ("mean_logprob", "total_logprob")
 
 
-def vector_means(records: list[dict], metric: str = "mean_logprob") -> dict[int, dict[float, float]]:
+def vector_means(
+    records: list[dict], metric: str = "mean_logprob"
+) -> dict[int, dict[float, float]]:
     """``{noise_id: {scale: average metric over prompts}}``."""
     sums: dict[tuple[int, float], list[float]] = defaultdict(list)
     for record in records:
