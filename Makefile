@@ -41,8 +41,10 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: setup
+	$(PIP) -e '.[bench]'
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_noising.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_eval.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_capture.py
 
 clean:
 	rm -rf $(VENV) noising/outputs

@@ -117,8 +117,13 @@ def capture_prompt_set(
     responses_from: str | None = None, layers: str | None = None, capture_mlp: bool = False,
     response_only: bool = False, skip_existing: bool = False, dtype: str = "bf16",
     batch_size: int = 8, load_in_8bit: bool = False, load_in_4bit: bool = False, loaded=None,
+    components: Sequence[str] | None = None,
 ) -> CaptureResult:
-    """Capture every response JSON of a prompt set; one safetensors file per prompt."""
+    """Capture every response JSON of a prompt set; one safetensors file per prompt.
+
+    ``components`` overrides the seed's set (residual + attn_contribution, + mlp_contribution
+    with ``capture_mlp``), e.g. ``["residual"]``.
+    """
     variant_name, _ = experiment.variant(variant)
     source_variant, _ = experiment.variant(responses_from or variant_name)
     source = experiment.responses_dir(source_variant, prompt_set)
@@ -135,7 +140,12 @@ def capture_prompt_set(
                                     load_in_4bit=load_in_4bit)
     arch = resolve_arch(loaded.model)
     chosen = parse_layers(layers, arch.n_layers)
-    components = ["residual", "attn_contribution"] + (["mlp_contribution"] if capture_mlp else [])
+    if components is None:
+        components = ["residual", "attn_contribution"] + (
+            ["mlp_contribution"] if capture_mlp else [])
+    unknown = set(components) - set(COMPONENT_SITES)
+    if unknown or not components:
+        raise ValueError(f"unknown component(s) {sorted(unknown)}; use {list(COMPONENT_SITES)}")
     extra = {"variant": variant_name, "prompt_set": prompt_set, "responses_from": source_variant,
              "layers": chosen, "components": components, "dtype": dtype}
     write_json(out_dir / "_provenance.json", {
