@@ -124,8 +124,17 @@ def _responses(args: argparse.Namespace) -> None:
     if not args.from_responses and (args.load_in_8bit or args.load_in_4bit):
         loaded = load_variant(experiment, args.model_variant, load_in_8bit=args.load_in_8bit,
                               load_in_4bit=args.load_in_4bit)
+    interventions = []
+    specs = _steer_specs(args.steer)
+    if specs:
+        from residlab.traits.steer import steering_interventions
+
+        if loaded is None:
+            loaded = load_variant(experiment, args.model_variant)
+        interventions = steering_interventions(experiment, loaded, specs)
     written = generate_responses(
-        experiment, args.prompt_set, variant=args.model_variant,
+        experiment, args.prompt_set, variant=args.model_variant, interventions=interventions,
+        tags=[f"steer:{t}:{layer}:{c:g}" for t, layer, c in specs],
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, prefill=args.prefill,
         from_responses=args.from_responses, skip_existing=args.skip_existing, limit=args.limit,
         output_suffix=args.output_suffix, batch_size=args.batch_size, loaded=loaded)
@@ -146,6 +155,95 @@ def _capture(args: argparse.Namespace) -> None:
         load_in_4bit=args.load_in_4bit)
     print(f"captured: {len(result.written)} written, {result.skipped} already complete, "
           f"in {result.out_dir}")
+
+
+def _steer_specs(text: str | None):
+    """``TRAIT:LAYER:COEF[,...]`` -> [(trait, layer, coefficient)]."""
+    specs = []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        pieces = part.strip().rsplit(":", 2)
+        try:
+            specs.append((pieces[0], int(pieces[1]), float(pieces[2])))
+        except (IndexError, ValueError):
+            raise ValueError(f"--steer {part!r}: use TRAIT:LAYER:COEF, e.g. "
+                             "emotion/optimism:12:8") from None
+    return specs
+
+
+def _extract(args: argparse.Namespace) -> None:
+    from residlab.experiments import load_experiment
+    from residlab.traits.extract import extract_trait, summary
+
+    experiment = load_experiment(args.experiment)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for trait in [t.strip() for t in args.traits.split(",") if t.strip()]:
+        result = extract_trait(experiment, trait, variant=args.model_variant, methods=methods,
+                               position=args.position, component=args.component,
+                               layers=args.layers, max_new_tokens=args.max_new_tokens,
+                               test_fraction=args.test_fraction, seed=args.seed,
+                               batch_size=args.batch_size)
+        print(summary(result))
+        print(f"vectors: {result.folder / 'vectors'}")
+
+
+def _judge(args: argparse.Namespace, experiment):
+    from residlab.traits.judge import EndpointJudge, LocalJudge
+
+    if args.judge_url:
+        if not args.judge_model:
+            raise ValueError("--judge-url needs --judge-model")
+        return EndpointJudge(args.judge_url, args.judge_model, args.judge_key_env)
+    from residlab.models import load_model
+
+    return LocalJudge(load_model(args.judge_model or "default", dtype="fp32"))
+
+
+def _steer(args: argparse.Namespace) -> None:
+    from residlab.config import parse_override
+    from residlab.experiments import load_experiment
+    from residlab.traits.steer import format_summary, load_results, run_steering, summarize
+
+    experiment = load_experiment(args.experiment)
+    layers = [int(x) for x in str(args.layers).split(",")] if args.layers else []
+    coefficients = parse_override(args.coefficients)
+    coefficients = coefficients if isinstance(coefficients, list) else [coefficients]
+    if not args.rescore and (not layers or not coefficients):
+        raise ValueError("give --layers (e.g. 8,12) and --coefficients (e.g. 4,8,16)")
+    path = run_steering(
+        experiment, args.trait, layers=layers, coefficients=[float(c) for c in coefficients],
+        judge=_judge(args, experiment), variant=args.model_variant,
+        vector_variant=args.extraction_variant, method=args.method, position=args.position,
+        component=args.component, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, rescore=args.rescore)
+    variant = experiment.variant(args.model_variant)[0]
+    print(format_summary(summarize(load_results(experiment, args.trait, variant))))
+    print(f"results: {path}")
+
+
+def _project(args: argparse.Namespace) -> None:
+    from residlab.experiments import load_experiment
+    from residlab.inference.project import project_prompt_set
+
+    traits = [t.strip() for t in args.traits.split(",")] if args.traits else None
+    written = project_prompt_set(
+        load_experiment(args.experiment), args.prompt_set, variant=args.model_variant,
+        traits=traits, layer=args.layer, method=args.method, component=args.component,
+        position=args.position, extraction_variant=args.extraction_variant,
+        skip_existing=args.skip_existing, calibration=not args.no_calibration,
+        centered=args.centered, clean_massive_dims=args.clean_massive_dims)
+    print(f"projections: {len(written)} written")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    from residlab.experiments import load_experiment
+    from residlab.inference.calibrate import run_calibration
+
+    path = run_calibration(load_experiment(args.experiment), variant=args.model_variant,
+                           prompt_set=args.prompt_set, top_k=args.top_k,
+                           batch_size=args.batch_size)
+    print(f"calibration: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="Mode B: a {prompt_id: response_text} file (tokenizer only)")
     responses.add_argument("--limit", type=int, help="first N prompts only")
     responses.add_argument("--output-suffix", help="write to responses/{prompt_set}_{suffix}")
+    responses.add_argument("--steer", metavar="TRAIT:LAYER:COEF[,...]",
+                           help="add coef x unit trait vector at the layer while generating")
     responses.set_defaults(handler=_responses)
 
     capture = commands.add_parser("capture", help="capture raw activations by prefill")
@@ -207,6 +307,69 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                          help="storage dtype")
     capture.set_defaults(handler=_capture)
+
+    extract = commands.add_parser("extract", help="extract trait vectors from contrastive data")
+    extract.add_argument("--experiment", required=True)
+    extract.add_argument("--traits", required=True, help="e.g. behavioral/refusal,emotion/optimism")
+    extract.add_argument("--methods", default="mean_diff,probe,pca")
+    extract.add_argument("--position", default="response[:5]",
+                         help="response[:5], response, prompt[-1], all")
+    extract.add_argument("--component", default="residual",
+                         choices=["residual", "attn_contribution", "mlp_contribution"])
+    extract.add_argument("--layers", help="e.g. 4-28:4 (default: all)")
+    extract.add_argument("--model-variant", help="default: the experiment's defaults.extraction")
+    extract.add_argument("--max-new-tokens", type=int, default=16)
+    extract.add_argument("--test-fraction", type=float, default=0.2)
+    extract.add_argument("--seed", type=int, default=0)
+    extract.add_argument("--batch-size", type=int, default=16)
+    extract.set_defaults(handler=_extract)
+
+    steer = commands.add_parser("steer", help="steering evaluation with a judge")
+    steer.add_argument("--experiment", required=True)
+    steer.add_argument("--trait", required=True)
+    steer.add_argument("--layers", help="e.g. 8,12,16")
+    steer.add_argument("--coefficients", default="", help="e.g. -8,4,8,16 (0 is the baseline)")
+    steer.add_argument("--method", default="mean_diff")
+    steer.add_argument("--position", default="response[:5]")
+    steer.add_argument("--component", default="residual")
+    steer.add_argument("--model-variant", help="the model that answers (default: application)")
+    steer.add_argument("--extraction-variant", help="whose vectors (default: extraction)")
+    steer.add_argument("--max-new-tokens", type=int, default=48)
+    steer.add_argument("--batch-size", type=int, default=32)
+    steer.add_argument("--judge-url", help="OpenAI-compatible endpoint, e.g. http://host/v1")
+    steer.add_argument("--judge-model", help="endpoint model, or a local judge (default: "
+                       "the embedded model)")
+    steer.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                       help="environment variable holding the endpoint key")
+    steer.add_argument("--rescore", action="store_true", help="judge the saved answers again")
+    steer.set_defaults(handler=_steer)
+
+    project = commands.add_parser("project", help="project captures onto trait vectors")
+    project.add_argument("--experiment", required=True)
+    project.add_argument("--prompt-set", "--prompt_set", dest="prompt_set", required=True)
+    project.add_argument("--model-variant", help="whose captures (default: application)")
+    project.add_argument("--layer", default="best", help="best, best+5, 16 (default: best)")
+    project.add_argument("--method", help="default: auto")
+    project.add_argument("--component", default="residual",
+                         choices=["residual", "attn_contribution", "mlp_contribution"])
+    project.add_argument("--position", help="vector position (default: auto)")
+    project.add_argument("--extraction-variant", help="default: the experiment's extraction")
+    project.add_argument("--traits", help="comma-separated (default: all extracted)")
+    project.add_argument("--skip-existing", action="store_true")
+    project.add_argument("--no-calibration", action="store_true",
+                         help="do not embed massive-dims values")
+    project.add_argument("--centered", action="store_true", help="subtract the vector baseline")
+    project.add_argument("--clean-massive-dims", action="store_true",
+                         help="also projections with the massive dims removed")
+    project.set_defaults(handler=_project)
+
+    calibrate = commands.add_parser("calibrate", help="massive-dims calibration")
+    calibrate.add_argument("--experiment", required=True)
+    calibrate.add_argument("--model-variant")
+    calibrate.add_argument("--prompt-set", default="calibration")
+    calibrate.add_argument("--top-k", type=int, default=8)
+    calibrate.add_argument("--batch-size", type=int, default=8)
+    calibrate.set_defaults(handler=_calibrate)
     return parser
 
 

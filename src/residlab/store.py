@@ -51,8 +51,11 @@ def write_text(target: str | Path, text: str) -> None:
         temp.write_text(text, encoding="utf-8")
 
 
-def write_json(target: str | Path, data: Any) -> None:
-    write_text(target, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+def write_json(target: str | Path, data: Any, *, compact: bool = False) -> None:
+    """Pretty JSON, or ``compact`` for large machine-read files."""
+    text = (json.dumps(data, ensure_ascii=False, separators=(",", ":")) if compact
+            else json.dumps(data, ensure_ascii=False, indent=2))
+    write_text(target, text + "\n")
 
 
 def write_yaml(target: str | Path, data: Any) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from residlab.store import atomic_path
 
-__all__ = ["FORMAT", "is_complete", "load_raw", "save_raw", "tensor_name"]
+__all__ = ["FORMAT", "is_complete", "load_raw", "read_parts", "save_raw", "tensor_name"]
 
 FORMAT = "residlab.raw/1"
 PARTS = ("prompt", "response")
@@ -78,6 +78,29 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         out[part] = {**info, "activations": dict(sorted(activations.items()))}
     out["metadata"] = {k: v for k, v in meta.items() if k != "parts"}
     return out
+
+
+def read_parts(path: Path, layer: int, component: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and only the ``{part: [n, d]}`` tensors of one (layer, component): projection
+    reads what it needs instead of the whole file."""
+    from safetensors import safe_open
+
+    if path.suffix == ".pt":
+        raw = load_raw(path)
+        return raw.get("metadata", {}), {
+            part: raw[part]["activations"][layer][component]
+            for part in PARTS if part in raw and layer in raw[part]["activations"]}
+    if not is_complete(path):
+        raise _corrupt(path, "size does not match its header")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})["residlab"])
+            names = set(handle.keys())  # noqa: SIM118
+            tensors = {part: handle.get_tensor(tensor_name(part, layer, component))
+                       for part in PARTS if tensor_name(part, layer, component) in names}
+    except Exception as error:  # safetensors raises its own error types
+        raise _corrupt(path, " ".join(str(error).split())[:120]) from None
+    return meta, tensors
 
 
 def load_raw(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Trait vectors: contrastive data, extraction, steering evaluation, selection."""
