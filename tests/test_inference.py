@@ -173,6 +173,8 @@ def test_killed_capture_resumes_with_skip_existing(experiment, monkeypatch):
     victim.write_bytes(victim.read_bytes()[:-100])
     with pytest.raises(ValueError, match=f"{victim.name}.*corrupted or truncated"):
         load_raw(victim)
+    with pytest.raises(ValueError, match=f"{victim.name}.*corrupted or truncated"):
+        raw_module.read_parts(victim, 0, "residual")
     result = capture_prompt_set(experiment, SET, skip_existing=True)
     assert result.skipped == 1 and len(result.written) == 4
     for path in out_dir.glob("*.safetensors"):

@@ -302,3 +302,18 @@ def test_trait_bad_inputs(experiment, tmp_path, capsys):
     assert main(["responses", "--experiment", "t", "--prompt-set", "baseline", "--steer",
                  "test/cheer:1:4"]) == 2
     assert "hidden size" in capsys.readouterr().err
+
+
+def test_projecting_many_traits_equals_one_at_a_time():
+    from residlab.inference.project import project_many
+
+    torch.manual_seed(0)
+    hidden, units = torch.randn(9, 16), torch.nn.functional.normalize(torch.randn(3, 16), dim=1)
+    many = project_many(hidden, units, [0.0, 1.0, -2.0], massive=[1, 5])
+    for i in range(3):
+        one = project_tensor(hidden, units[i], [0.0, 1.0, -2.0][i], massive=[1, 5])
+        for key in ("projections", "norms", "cosine"):
+            np.testing.assert_allclose(many[i][key], one[key], atol=1e-6)
+            assert many[i][key].flags["C_CONTIGUOUS"]
+        np.testing.assert_allclose(many[i]["clean"]["projections"], one["clean"]["projections"],
+                                   atol=1e-6)

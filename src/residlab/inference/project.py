@@ -17,6 +17,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -41,22 +42,37 @@ def traits_with_vectors(experiment: Experiment, variant: str) -> list[str]:
                   for p in root.glob(f"**/{variant}/vectors") if p.is_dir())
 
 
-def project_tensor(hidden: torch.Tensor, unit: torch.Tensor, baseline: float = 0.0,
-                   massive: Sequence[int] = ()) -> dict[str, list]:
-    """Per-token projection, norm and cosine of ``hidden`` ``(n, d)`` on ``unit`` ``(d,)``."""
-    h = hidden.float()  # (n, d)
-    proj = h @ unit  # (n,)
-    norms = h.norm(dim=-1)  # (n,)
-    out = {"projections": (proj - baseline).tolist(), "norms": norms.tolist(),
-           "cosine": (proj / norms.clamp(min=1e-12)).tolist()}
+def project_many(hidden: torch.Tensor, units: torch.Tensor, baselines: Sequence[float],
+                 massive: Sequence[int] = ()) -> list[dict[str, np.ndarray | dict]]:
+    """Per-token projection, norm and cosine of ``hidden`` ``(n, d)`` on each row of
+    ``units`` ``(t, d)``, sharing the trait-independent work (norms, massive dims).
+    Float32 numpy arrays, ready for JSON."""
+    h = hidden.float().numpy()  # (n, d); numpy: these arrays are small, torch overhead is not
+    u = units.float().numpy()  # (t, d)
+    proj = u @ h.T  # (t, n): rows stay contiguous for JSON
+    norms = np.sqrt(np.einsum("nd,nd->n", h, h))  # (n,)
+    cosine = proj / np.maximum(norms, 1e-12)[None, :]  # (t, n)
     if massive:
-        dims = torch.tensor(list(massive))
-        share = h[:, dims] @ unit[dims]  # (n,) the massive dims' part of h . v
-        clean_norms = (norms.square() - h[:, dims].square().sum(-1)).clamp(min=0).sqrt()
-        out["clean"] = {"projections": (proj - share - baseline).tolist(),
-                        "norms": clean_norms.tolist()}
-        out["massive_values"] = h[:, dims].tolist()
+        dims = list(massive)
+        values = np.ascontiguousarray(h[:, dims])  # (n, k)
+        share = u[:, dims] @ values.T  # (t, n): the massive dims' part of h . v
+        clean_norms = np.sqrt(np.maximum(norms**2 - (values**2).sum(-1), 0))
+    out = []
+    for i, baseline in enumerate(baselines):
+        result: dict = {"projections": proj[i] - np.float32(baseline), "norms": norms,
+                        "cosine": cosine[i]}
+        if massive:
+            result["clean"] = {"projections": proj[i] - share[i] - np.float32(baseline),
+                               "norms": clean_norms}
+            result["massive_values"] = values
+        out.append(result)
     return out
+
+
+def project_tensor(hidden: torch.Tensor, unit: torch.Tensor, baseline: float = 0.0,
+                   massive: Sequence[int] = ()) -> dict[str, np.ndarray | dict]:
+    """:func:`project_many` for one unit vector ``(d,)``."""
+    return project_many(hidden, unit[None, :], [baseline], massive)[0]
 
 
 def _calibration(experiment: Experiment, variant: str, use: bool) -> dict | None:
@@ -67,7 +83,9 @@ def _calibration(experiment: Experiment, variant: str, use: bool) -> dict | None
         raise LookupError(f"calibration missing ({path}); make it with 'residlab calibrate "
                           f"--experiment {experiment.name} --model-variant {variant}' or pass "
                           "--no-calibration")
-    return json.loads(path.read_text())
+    import orjson
+
+    return orjson.loads(path.read_bytes())  # large (per-layer means): the fast parser
 
 
 def _captured_layers(raw_dir: Path) -> list[int] | None:
@@ -120,24 +138,28 @@ def project_prompt_set(
         for trait, choice in todo.items():
             by_layer.setdefault(choice.vector.layer, []).append(trait)
         for layer_index, names in by_layer.items():
-            meta, parts = read_parts(path, layer_index, component)
+            parts = read_parts(path, layer_index, component)[1]
             massive = calib["layers"][str(layer_index)]["dims"] if calib else []
-            for trait in names:
+            units = torch.stack([choices[t].vector.unit for t in names])  # (t, d)
+            for hidden in parts.values():
+                if hidden.shape[-1] != units.shape[1]:
+                    raise ValueError(f"the vectors have size {units.shape[1]} but {path} has "
+                                     f"{hidden.shape[-1]}; use vectors of this model")
+            baselines = [float(choices[t].vector.stats.get("baseline", 0.0)) if centered
+                         else 0.0 for t in names]
+            projected = {part: project_many(hidden, units, baselines, massive)
+                         for part, hidden in parts.items()}
+            for i, trait in enumerate(names):
+                results = {part: values[i] for part, values in projected.items()}
                 written.append(_write(experiment, variant_name, prompt_set, path.stem, trait,
-                                      choices[trait], parts, massive, centered,
-                                      clean_massive_dims))
+                                      choices[trait], results, massive, baselines[i],
+                                      centered, clean_massive_dims))
     return written
 
 
-def _write(experiment, variant, prompt_set, prompt_id, trait, choice: Choice, parts, massive,
-           centered, clean) -> Path:
+def _write(experiment, variant, prompt_set, prompt_id, trait, choice: Choice, results, massive,
+           baseline, centered, clean) -> Path:
     vector = choice.vector
-    baseline = float(vector.stats.get("baseline", 0.0)) if centered else 0.0
-    unit = vector.unit
-    if parts and next(iter(parts.values())).shape[-1] != unit.shape[0]:
-        raise ValueError(f"vector for {trait} has size {unit.shape[0]} but the captures have "
-                         f"{next(iter(parts.values())).shape[-1]}; use vectors of this model")
-    results = {part: project_tensor(h, unit, baseline, massive) for part, h in parts.items()}
     record = {
         "metadata": {"prompt_id": prompt_id, "prompt_set": prompt_set,
                      "vector_source": {"experiment": experiment.name, **vector.source(),

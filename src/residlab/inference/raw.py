@@ -80,21 +80,19 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
     return out
 
 
-def read_parts(path: Path, layer: int, component: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and only the ``{part: [n, d]}`` tensors of one (layer, component): projection
-    reads what it needs instead of the whole file."""
+def read_parts(path: Path, layer: int, component: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """The metadata (unparsed JSON) and only the ``{part: [n, d]}`` tensors of one
+    (layer, component): projection reads what it needs instead of the whole file."""
     from safetensors import safe_open
 
     if path.suffix == ".pt":
         raw = load_raw(path)
-        return raw.get("metadata", {}), {
+        return json.dumps(raw.get("metadata", {})), {
             part: raw[part]["activations"][layer][component]
             for part in PARTS if part in raw and layer in raw[part]["activations"]}
-    if not is_complete(path):
-        raise _corrupt(path, "size does not match its header")
-    try:
+    try:  # safe_open itself rejects files whose size does not match their header
         with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {})["residlab"])
+            meta = (handle.metadata() or {})["residlab"]
             names = set(handle.keys())  # noqa: SIM118
             tensors = {part: handle.get_tensor(tensor_name(part, layer, component))
                        for part in PARTS if tensor_name(part, layer, component) in names}

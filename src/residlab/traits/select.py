@@ -45,14 +45,10 @@ def _nearest(target: int, layers: Sequence[int]) -> int:
     return min(layers, key=lambda layer: (abs(layer - target), layer))
 
 
-def _effect(path: Path) -> float:
-    return float(load_vector(path).stats.get("effect_size", float("-inf")))
-
-
 def _steering_best(experiment, trait, steer_variant, candidates, min_coherence):
     rows = [r for r in summarize(load_results(experiment, trait, steer_variant))
             if r["layer"] is not None and r["coherence"] >= min_coherence]
-    keys = {(method, layer) for _, method, layer, _ in candidates}
+    keys = {(c.method, c.layer) for c in candidates}
     rows = [r for r in rows if (r["method"], r["layer"]) in keys]
     if not rows:
         return None
@@ -76,12 +72,12 @@ def select_vectors(
                               component=component, method=method)
     if available_layers is not None:
         captured = set(available_layers)
-        usable = [c for c in candidates if c[2] in captured]
+        usable = [c for c in candidates if c.layer in captured]
         candidates = usable or candidates
     if not candidates:
         have = find_vectors(experiment, trait, variant, position=None, component=component,
                             method=None)
-        listing = sorted({f"{m}@{p}:L{layer}" for p, m, layer, _ in have})
+        listing = sorted({f"{c.method}@{c.position}:L{c.layer}" for c in have})
         raise LookupError(
             f"no vectors for {trait} (variant {variant}, {component}"
             f"{', ' + method if method else ''}{', ' + position if position else ''}); stored: "
@@ -93,19 +89,19 @@ def select_vectors(
     picked = _steering_best(experiment, trait, steer_variant or variant, candidates,
                             min_coherence)
     if picked is None:
-        pos, meth, best_layer, path = max(candidates, key=lambda c: (_effect(c[3]), -c[2]))
-        reason = f"highest held-out effect size (d={_effect(path):.2f}) among stored vectors"
+        best = max(candidates, key=lambda c: (c.effect_size, -c.layer))
+        meth, best_layer = best.method, best.layer
+        reason = f"highest held-out effect size (d={best.effect_size:.2f}) among stored vectors"
     else:
         meth, best_layer, reason = picked
-    same = [c for c in candidates if c[1] == meth]
+    same = [c for c in candidates if c.method == meth]
     return [_at_layer(same, best_layer + offset,
                       reason + (f", offset {offset:+d}" if offset else ""))]
 
 
 def _at_layer(candidates, wanted: int, reason: str) -> Choice:
-    layer = _nearest(wanted, sorted({c[2] for c in candidates}))
-    in_layer = [c for c in candidates if c[2] == layer]
-    position, method, layer, path = max(in_layer, key=lambda c: _effect(c[3]))
+    layer = _nearest(wanted, sorted({c.layer for c in candidates}))
+    best = max((c for c in candidates if c.layer == layer), key=lambda c: c.effect_size)
     note = "" if layer == wanted else f" (snapped from {wanted})"
-    return Choice(load_vector(path), path,
-                  f"{method} vector at layer {layer}{note}: {reason}")
+    return Choice(load_vector(best.path), best.path,
+                  f"{best.method} vector at layer {layer}{note}: {reason}")

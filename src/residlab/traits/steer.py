@@ -60,14 +60,14 @@ def _vectors(experiment, trait, variant, layers, method, position, component, d_
     units = {}
     for layer in layers:
         found = [f for f in find_vectors(experiment, trait, variant, position=position,
-                                         component=component, method=method) if f[2] == layer]
+                                         component=component, method=method) if f.layer == layer]
         if not found:
-            have = sorted({(f[1], f[2]) for f in find_vectors(
+            have = sorted({(f.method, f.layer) for f in find_vectors(
                 experiment, trait, variant, position=None, component=component, method=None)})
             raise LookupError(
                 f"no {method} vector for {trait} at layer {layer} ({position}, {component}, "
                 f"variant {variant}); stored: {have[:12] or 'none'}; run 'residlab extract' first")
-        units[layer] = load_vector(found[0][3], d_model).unit
+        units[layer] = load_vector(found[0].path, d_model).unit
     return units
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,7 +23,8 @@ from residlab.experiments import Experiment
 from residlab.store import atomic_path
 from residlab.traits.positions import position_slug
 
-__all__ = ["TraitVector", "extraction_dir", "find_vectors", "load_vector", "save_vector"]
+__all__ = ["StoredVector", "TraitVector", "extraction_dir", "find_vectors", "load_vector",
+           "save_vector"]
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,30 @@ def save_vector(experiment: Experiment, vector: TraitVector) -> Path:
     return path
 
 
+class StoredVector(NamedTuple):
+    """A stored vector's identity and held-out stats, read from its header only."""
+
+    position: str
+    method: str
+    layer: int
+    path: Path
+    effect_size: float
+
+
 def find_vectors(experiment: Experiment, trait: str, variant: str, *, position: str | None,
-                 component: str, method: str | None) -> list[tuple[str, str, int, Path]]:
-    """``(position, method, layer, path)`` of stored vectors matching the filters."""
+                 component: str, method: str | None) -> list[StoredVector]:
+    """Stored vectors matching the filters (headers only: no tensor is read)."""
     root = extraction_dir(experiment, trait, variant) / "vectors"
     found = []
     for path in sorted(root.glob(f"*/{component}/*/layer*.safetensors")):
         slug, method_name = path.parents[2].name, path.parent.name
-        meta = json.loads(json.loads(_header(path))["__metadata__"]["residlab"])
         if position is not None and slug != position_slug(position):
             continue
         if method is not None and method_name != method:
             continue
-        found.append((meta["position"], method_name, int(meta["layer"]), path))
+        meta = json.loads(json.loads(_header(path))["__metadata__"]["residlab"])
+        found.append(StoredVector(meta["position"], method_name, int(meta["layer"]), path,
+                                  float(meta.get("effect_size", float("-inf")))))
     return found
 
 
