@@ -45,6 +45,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_noising.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_eval.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_capture.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_traits.py
 
 clean:
 	rm -rf $(VENV) noising/outputs

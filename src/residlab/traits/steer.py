@@ -73,8 +73,10 @@ def _vectors(experiment, trait, variant, layers, method, position, component, d_
 
 def _answer(loaded, rows, units, *, max_new_tokens, batch_size, positions) -> list[str]:
     tokenizer, answers = loaded.tokenizer, []
-    for start in tqdm(range(0, len(rows), batch_size), desc="steering", disable=None):
-        chunk = rows[start:start + batch_size]
+    n_batches = -(-len(rows) // batch_size)
+    size = -(-len(rows) // max(n_batches, 1))  # even batches: no small straggler at the end
+    for start in tqdm(range(0, len(rows), size), desc="steering", disable=None):
+        chunk = rows[start:start + size]
         prompts = [template_ids(tokenizer, [{"role": "user", "content": r.question}])[1]
                    for r in chunk]
         generated = generate_ids(loaded.model, tokenizer, prompts, max_new_tokens=max_new_tokens,
