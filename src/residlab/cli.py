@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from residlab import handlers
 from residlab.config import NoisingConfig, load_config, parse_override
 
 __all__ = ["main"]
@@ -84,12 +85,6 @@ def _run_dir_flag(parser: argparse.ArgumentParser) -> None:
                         help="a run directory made by 'residlab noise generate'")
 
 
-def _experiment_init(args: argparse.Namespace) -> None:
-    from residlab.experiments import init_experiment
-
-    print(f"experiment config: {init_experiment(args.name)}")
-
-
 def _experiment_flags(parser: argparse.ArgumentParser, *, model_flags: bool = True) -> None:
     parser.add_argument("--experiment", required=True, help="experiments/{name}/config.yaml")
     parser.add_argument("--prompt-set", "--prompt_set", dest="prompt_set", required=True,
@@ -103,147 +98,6 @@ def _experiment_flags(parser: argparse.ArgumentParser, *, model_flags: bool = Tr
     if model_flags:
         parser.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes, CUDA")
         parser.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes, CUDA")
-
-
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{name} must be at least 1, not {value}")
-
-
-def _responses(args: argparse.Namespace) -> None:
-    from residlab.experiments import load_experiment, load_variant
-    from residlab.inference.responses import generate_responses
-
-    _positive("--max-new-tokens", args.max_new_tokens)
-    _positive("--limit", args.limit)
-    _positive("--batch-size", args.batch_size)
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, not {args.temperature}")
-    experiment = load_experiment(args.experiment)
-    loaded = None
-    if not args.from_responses and (args.load_in_8bit or args.load_in_4bit):
-        loaded = load_variant(experiment, args.model_variant, load_in_8bit=args.load_in_8bit,
-                              load_in_4bit=args.load_in_4bit)
-    interventions = []
-    specs = _steer_specs(args.steer)
-    if specs:
-        from residlab.traits.steer import steering_interventions
-
-        if loaded is None:
-            loaded = load_variant(experiment, args.model_variant)
-        interventions = steering_interventions(experiment, loaded, specs)
-    written = generate_responses(
-        experiment, args.prompt_set, variant=args.model_variant, interventions=interventions,
-        tags=[f"steer:{t}:{layer}:{c:g}" for t, layer, c in specs],
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, prefill=args.prefill,
-        from_responses=args.from_responses, skip_existing=args.skip_existing, limit=args.limit,
-        output_suffix=args.output_suffix, batch_size=args.batch_size, loaded=loaded)
-    folder = written[0].parent if written else "(nothing new to write)"
-    print(f"responses: {len(written)} written to {folder}")
-
-
-def _capture(args: argparse.Namespace) -> None:
-    from residlab.experiments import load_experiment
-    from residlab.inference.capture import capture_prompt_set
-
-    _positive("--batch-size", args.batch_size)
-    result = capture_prompt_set(
-        load_experiment(args.experiment), args.prompt_set, variant=args.model_variant,
-        responses_from=args.responses_from, layers=args.layers, capture_mlp=args.capture_mlp,
-        response_only=args.response_only, skip_existing=args.skip_existing, dtype=args.dtype,
-        batch_size=args.batch_size, load_in_8bit=args.load_in_8bit,
-        load_in_4bit=args.load_in_4bit)
-    print(f"captured: {len(result.written)} written, {result.skipped} already complete, "
-          f"in {result.out_dir}")
-
-
-def _steer_specs(text: str | None):
-    """``TRAIT:LAYER:COEF[,...]`` -> [(trait, layer, coefficient)]."""
-    specs = []
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        pieces = part.strip().rsplit(":", 2)
-        try:
-            specs.append((pieces[0], int(pieces[1]), float(pieces[2])))
-        except (IndexError, ValueError):
-            raise ValueError(f"--steer {part!r}: use TRAIT:LAYER:COEF, e.g. "
-                             "emotion/optimism:12:8") from None
-    return specs
-
-
-def _extract(args: argparse.Namespace) -> None:
-    from residlab.experiments import load_experiment
-    from residlab.traits.extract import extract_trait, summary
-
-    experiment = load_experiment(args.experiment)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for trait in [t.strip() for t in args.traits.split(",") if t.strip()]:
-        result = extract_trait(experiment, trait, variant=args.model_variant, methods=methods,
-                               position=args.position, component=args.component,
-                               layers=args.layers, max_new_tokens=args.max_new_tokens,
-                               test_fraction=args.test_fraction, seed=args.seed,
-                               batch_size=args.batch_size)
-        print(summary(result))
-        print(f"vectors: {result.folder / 'vectors'}")
-
-
-def _judge(args: argparse.Namespace, experiment):
-    from residlab.traits.judge import EndpointJudge, LocalJudge
-
-    if args.judge_url:
-        if not args.judge_model:
-            raise ValueError("--judge-url needs --judge-model")
-        return EndpointJudge(args.judge_url, args.judge_model, args.judge_key_env)
-    from residlab.models import load_model
-
-    return LocalJudge(load_model(args.judge_model or "default", dtype="fp32"))
-
-
-def _steer(args: argparse.Namespace) -> None:
-    from residlab.config import parse_override
-    from residlab.experiments import load_experiment
-    from residlab.traits.steer import format_summary, load_results, run_steering, summarize
-
-    experiment = load_experiment(args.experiment)
-    layers = [int(x) for x in str(args.layers).split(",")] if args.layers else []
-    coefficients = parse_override(args.coefficients)
-    coefficients = coefficients if isinstance(coefficients, list) else [coefficients]
-    if not args.rescore and (not layers or not coefficients):
-        raise ValueError("give --layers (e.g. 8,12) and --coefficients (e.g. 4,8,16)")
-    path = run_steering(
-        experiment, args.trait, layers=layers, coefficients=[float(c) for c in coefficients],
-        judge=_judge(args, experiment), variant=args.model_variant,
-        vector_variant=args.extraction_variant, method=args.method, position=args.position,
-        component=args.component, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, rescore=args.rescore)
-    variant = experiment.variant(args.model_variant)[0]
-    print(format_summary(summarize(load_results(experiment, args.trait, variant))))
-    print(f"results: {path}")
-
-
-def _project(args: argparse.Namespace) -> None:
-    from residlab.experiments import load_experiment
-    from residlab.inference.project import project_prompt_set
-
-    traits = [t.strip() for t in args.traits.split(",")] if args.traits else None
-    written = project_prompt_set(
-        load_experiment(args.experiment), args.prompt_set, variant=args.model_variant,
-        traits=traits, layer=args.layer, method=args.method, component=args.component,
-        position=args.position, extraction_variant=args.extraction_variant,
-        skip_existing=args.skip_existing, calibration=not args.no_calibration,
-        centered=args.centered, clean_massive_dims=args.clean_massive_dims)
-    print(f"projections: {len(written)} written")
-
-
-def _calibrate(args: argparse.Namespace) -> None:
-    from residlab.experiments import load_experiment
-    from residlab.inference.calibrate import run_calibration
-
-    path = run_calibration(load_experiment(args.experiment), variant=args.model_variant,
-                           prompt_set=args.prompt_set, top_k=args.top_k,
-                           batch_size=args.batch_size)
-    print(f"calibration: {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = experiment.add_subparsers(dest="action", required=True, parser_class=_Parser)
     init = actions.add_parser("init", help="write experiments/NAME/config.yaml")
     init.add_argument("name")
-    init.set_defaults(handler=_experiment_init)
+    init.set_defaults(handler=handlers.experiment_init)
 
     responses = commands.add_parser("responses", help="generate or import response JSONs")
     _experiment_flags(responses)
@@ -295,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     responses.add_argument("--output-suffix", help="write to responses/{prompt_set}_{suffix}")
     responses.add_argument("--steer", metavar="TRAIT:LAYER:COEF[,...]",
                            help="add coef x unit trait vector at the layer while generating")
-    responses.set_defaults(handler=_responses)
+    responses.set_defaults(handler=handlers.responses)
 
     capture = commands.add_parser("capture", help="capture raw activations by prefill")
     _experiment_flags(capture)
@@ -306,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="run this variant on another variant's tokens (model-diff)")
     capture.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                          help="storage dtype")
-    capture.set_defaults(handler=_capture)
+    capture.set_defaults(handler=handlers.capture)
 
     extract = commands.add_parser("extract", help="extract trait vectors from contrastive data")
     extract.add_argument("--experiment", required=True)
@@ -322,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--test-fraction", type=float, default=0.2)
     extract.add_argument("--seed", type=int, default=0)
     extract.add_argument("--batch-size", type=int, default=16)
-    extract.set_defaults(handler=_extract)
+    extract.set_defaults(handler=handlers.extract)
 
     steer = commands.add_parser("steer", help="steering evaluation with a judge")
     steer.add_argument("--experiment", required=True)
@@ -342,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--judge-key-env", default="OPENAI_API_KEY",
                        help="environment variable holding the endpoint key")
     steer.add_argument("--rescore", action="store_true", help="judge the saved answers again")
-    steer.set_defaults(handler=_steer)
+    steer.set_defaults(handler=handlers.steer)
 
     project = commands.add_parser("project", help="project captures onto trait vectors")
     project.add_argument("--experiment", required=True)
@@ -361,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     project.add_argument("--centered", action="store_true", help="subtract the vector baseline")
     project.add_argument("--clean-massive-dims", action="store_true",
                          help="also projections with the massive dims removed")
-    project.set_defaults(handler=_project)
+    project.set_defaults(handler=handlers.project)
 
     calibrate = commands.add_parser("calibrate", help="massive-dims calibration")
     calibrate.add_argument("--experiment", required=True)
@@ -369,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--prompt-set", default="calibration")
     calibrate.add_argument("--top-k", type=int, default=8)
     calibrate.add_argument("--batch-size", type=int, default=8)
-    calibrate.set_defaults(handler=_calibrate)
+    calibrate.set_defaults(handler=handlers.calibrate)
     return parser
 
 
