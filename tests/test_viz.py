@@ -122,6 +122,8 @@ def test_browser_drives_the_viewer(viz_run):
             page.goto(page_path.as_uri())
             assert page.locator("#chart rect").count() == 3
             assert page.locator("#chart polyline").count() == 3
+            assert page.locator("#scale").input_value() == "9"  # largest scale first
+            page.select_option("#scale", "0")  # zero vector: one card per prompt
             # The injected markup is shown as text and ran nothing.
             assert page.evaluate("window.__pwned") is None
             texts = page.locator(".msg").all_inner_texts()
