@@ -103,6 +103,31 @@ def tiny_gemma2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("models"), "tiny-gemma2", config, tiny_tokenizer)
 
 
+def _family_config(family: str, tokenizer):
+    """Tiny configs of the other families in the architecture table."""
+    import transformers
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=512, **_token_ids(tokenizer))
+    configs = {
+        "gpt_neox": ("GPTNeoXConfig", {**common, "use_parallel_residual": True}),
+        "qwen3": ("Qwen3Config", {**common, "num_key_value_heads": 2, "head_dim": 16}),
+        "olmo2": ("Olmo2Config", {**common, "num_key_value_heads": 2}),
+        "mistral": ("MistralConfig", {**common, "num_key_value_heads": 2}),
+        "phi3": ("Phi3Config", {**common, "num_key_value_heads": 2}),
+    }
+    name, kwargs = configs[family]
+    return getattr(transformers, name)(**kwargs)
+
+
+@pytest.fixture(scope="session", params=["gpt_neox", "qwen3", "olmo2", "mistral", "phi3"])
+def other_family(request, tmp_path_factory, tiny_tokenizer):
+    """Each further family of the table, tiny and seeded (loaded in fp32 on CPU)."""
+    config = _family_config(request.param, tiny_tokenizer)
+    path = _save_tiny(tmp_path_factory.mktemp("models"), request.param, config, tiny_tokenizer)
+    return load_fp32(path)
+
+
 def load_fp32(path: Path):
     from residlab.models import load_model
 
