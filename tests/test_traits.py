@@ -298,6 +298,11 @@ def test_trait_bad_inputs(experiment, tmp_path, capsys):
                  "--coefficients", "4", "--judge-url", "http://127.0.0.1:9", "--judge-model",
                  "m"]) == 2
     assert "no mean_diff vector for test/cheer at layer 2" in capsys.readouterr().err
+    assert main(["steer", "--experiment", "t", "--trait", "test/cheer", "--layers", "2",
+                 "--coefficients", "4,x"]) == 2
+    assert "--coefficients '4,x': give comma-separated numbers" in capsys.readouterr().err
+    assert main(["steer", "--experiment", "t", "--trait", "test/cheer"]) == 2
+    assert "give --layers" in capsys.readouterr().err
     _store(experiment, 1, 1.0, d=10)  # a vector made for another model
     assert main(["responses", "--experiment", "t", "--prompt-set", "baseline", "--steer",
                  "test/cheer:1:4"]) == 2

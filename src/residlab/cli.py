@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the embedded model)")
     steer.add_argument("--judge-key-env", default="OPENAI_API_KEY",
                        help="environment variable holding the endpoint key")
+    steer.add_argument("--positions", choices=["all", "prompt", "generated"], default="all",
+                       help="where the vector is added (default: every token)")
     steer.add_argument("--rescore", action="store_true", help="judge the saved answers again")
     steer.set_defaults(handler=handlers.steer)
 

@@ -20,6 +20,14 @@ def require_positive(name: str, value: int | None) -> None:
         raise ValueError(f"{name} must be at least 1, not {value}")
 
 
+def numbers(flag: str, text: str | None) -> list[float]:
+    """``-8,4,16`` -> [-8.0, 4.0, 16.0]; an empty value is an empty list."""
+    try:
+        return [float(part) for part in (text or "").split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated numbers, e.g. -8,4,16") from None
+
+
 def responses(args: argparse.Namespace) -> None:
     from residlab.experiments import load_experiment, load_variant
     from residlab.inference.responses import generate_responses
@@ -98,7 +106,7 @@ def extract(args: argparse.Namespace) -> None:
         print(f"vectors: {result.folder / 'vectors'}")
 
 
-def judge(args: argparse.Namespace, experiment):
+def make_judge(args: argparse.Namespace):
     from residlab.traits.judge import EndpointJudge, LocalJudge
 
     if args.judge_url:
@@ -111,22 +119,21 @@ def judge(args: argparse.Namespace, experiment):
 
 
 def steer(args: argparse.Namespace) -> None:
-    from residlab.config import parse_override
     from residlab.experiments import load_experiment
     from residlab.traits.steer import format_summary, load_results, run_steering, summarize
 
     experiment = load_experiment(args.experiment)
-    layers = [int(x) for x in str(args.layers).split(",")] if args.layers else []
-    coefficients = parse_override(args.coefficients)
-    coefficients = coefficients if isinstance(coefficients, list) else [coefficients]
+    layers = [int(x) for x in numbers("--layers", args.layers)]
+    coefficients = numbers("--coefficients", args.coefficients)
     if not args.rescore and (not layers or not coefficients):
         raise ValueError("give --layers (e.g. 8,12) and --coefficients (e.g. 4,8,16)")
+    require_positive("--batch-size", args.batch_size)
     path = run_steering(
-        experiment, args.trait, layers=layers, coefficients=[float(c) for c in coefficients],
-        judge=judge(args, experiment), variant=args.model_variant,
+        experiment, args.trait, layers=layers, coefficients=coefficients,
+        judge=make_judge(args), variant=args.model_variant,
         vector_variant=args.extraction_variant, method=args.method, position=args.position,
         component=args.component, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, rescore=args.rescore)
+        batch_size=args.batch_size, positions=args.positions, rescore=args.rescore)
     variant = experiment.variant(args.model_variant)[0]
     print(format_summary(summarize(load_results(experiment, args.trait, variant))))
     print(f"results: {path}")
