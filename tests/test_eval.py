@@ -191,3 +191,12 @@ def test_eval_bad_input(tmp_path, capsys, tiny_llama, tiny_llama_dir):
     assert main(["noise", "eval", "--config", str(config), "--run_dir", str(run_dir)]) == 2
     assert "no generations to score" in capsys.readouterr().err
     assert not (run_dir / EVAL_FILE).exists()
+
+
+def test_eval_without_config_uses_the_runs_own(tmp_path, capsys, tiny_llama, tiny_llama_dir):
+    cfg = _config(tmp_path, tiny_llama_dir, num_prompts=2, noise_norms=[0.0, 1.0])
+    run_dir = run_generate(cfg, loaded=tiny_llama)
+    assert main(["noise", "eval", "--run_dir", str(run_dir), "--batch_size", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "mean log-prob/token" in out and f"scores: {run_dir / EVAL_FILE}" in out
+    assert len((run_dir / EVAL_FILE).read_text().splitlines()) == 2 * 2 * 2

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from residlab import handlers
 from residlab.config import NoisingConfig, load_config, parse_override
@@ -61,8 +62,11 @@ def _noise_covariance(args: argparse.Namespace) -> None:
 
 def _noise_eval(args: argparse.Namespace) -> None:
     from residlab.noising.eval import read_scored, run_eval, summarize
+    from residlab.noising.runs import RunDir
 
-    cfg = load_config(args.config, _overrides(args))
+    run = RunDir(Path(args.run_dir)).check()
+    # Without --config, the run's own config.yaml (plus any override flags) is used.
+    cfg = load_config(args.config or run.config_file, _overrides(args))
     path, skipped = run_eval(cfg, args.run_dir, score_eos=not args.no_score_eos)
     print(summarize(read_scored(path)))
     print(f"scores: {path}")
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], None] = args.handler
     try:
         handler(args)
-    except (ValueError, LookupError) as error:
+    except (ValueError, LookupError, OSError) as error:  # bad input or environment
         print(f"residlab: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
