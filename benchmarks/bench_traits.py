@@ -77,39 +77,30 @@ def bench_projection(experiment, loaded, repeats: int) -> None:
 
     read_all()
     project_all()  # warm-up (page cache, imports)
-    reads, projections = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        read_all()
-        reads.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        project_all()
-        projections.append(time.perf_counter() - start)
-    read_s, project_s = statistics.median(reads), statistics.median(projections)
     print(f"[project] {len(files)} capture files, {size:.0f} MiB, {len(TRAITS)} traits "
           "(each file read once for all traits; one JSON written per trait and file)")
-    print(f"[project] warm page cache: read only (load_raw)   : {len(files) / read_s:7.1f} files/s")
-    print(f"[project] warm page cache: project 5 traits+write : "
-          f"{len(files) / project_s:7.1f} files/s")
-    print(f"[project] warm page cache: projection / read speed = {read_s / project_s:.2f}x   "
-          "(goal >= 0.8x)")
-    cold_read, cold_project = [], []
+    _report("warm page cache", len(files), read_all, project_all, repeats, prepare=None)
+    if _drop_caches():
+        _report("cold page cache", len(files), read_all, project_all, repeats,
+                prepare=_drop_caches)
+    else:
+        print("[project] cold page cache: skipped (needs root to drop the page cache)")
+
+
+def _report(label, n_files, read_all, project_all, repeats, prepare) -> None:
+    """Interleaved timings of both, medians, and the ratio of their speeds."""
+    times: dict[str, list[float]] = {"read": [], "project": []}
     for _ in range(repeats):
-        if not _drop_caches():
-            print("[project] cold cache: skipped (needs root to drop the page cache)")
-            return
-        start = time.perf_counter()
-        read_all()
-        cold_read.append(time.perf_counter() - start)
-        _drop_caches()
-        start = time.perf_counter()
-        project_all()
-        cold_project.append(time.perf_counter() - start)
-    read_s, project_s = statistics.median(cold_read), statistics.median(cold_project)
-    print(f"[project] cold page cache: read only (load_raw)   : {len(files) / read_s:7.1f} files/s")
-    print(f"[project] cold page cache: project 5 traits+write : "
-          f"{len(files) / project_s:7.1f} files/s")
-    print(f"[project] cold page cache: projection / read speed = {read_s / project_s:.2f}x   "
+        for name, run in (("read", read_all), ("project", project_all)):
+            if prepare is not None:
+                prepare()
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    read_s, project_s = statistics.median(times["read"]), statistics.median(times["project"])
+    print(f"[project] {label}: read only (load_raw)   : {n_files / read_s:7.1f} files/s")
+    print(f"[project] {label}: project 5 traits+write : {n_files / project_s:7.1f} files/s")
+    print(f"[project] {label}: projection / read speed = {read_s / project_s:.2f}x   "
           "(goal >= 0.8x)")
 
 

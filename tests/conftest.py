@@ -120,12 +120,22 @@ def _family_config(family: str, tokenizer):
     return getattr(transformers, name)(**kwargs)
 
 
-@pytest.fixture(scope="session", params=["gpt_neox", "qwen3", "olmo2", "mistral", "phi3"])
-def other_family(request, tmp_path_factory, tiny_tokenizer):
-    """Each further family of the table, tiny and seeded (loaded in fp32 on CPU)."""
-    config = _family_config(request.param, tiny_tokenizer)
-    path = _save_tiny(tmp_path_factory.mktemp("models"), request.param, config, tiny_tokenizer)
-    return load_fp32(path)
+OTHER_FAMILIES = ["gpt_neox", "qwen3", "olmo2", "mistral", "phi3"]
+
+
+@pytest.fixture(scope="session")
+def other_families(tmp_path_factory, tiny_tokenizer):
+    """Builds each further family of the table on first use (tiny, seeded, fp32 on CPU)."""
+    built: dict = {}
+
+    def get(family: str):
+        if family not in built:
+            config = _family_config(family, tiny_tokenizer)
+            path = _save_tiny(tmp_path_factory.mktemp("models"), family, config, tiny_tokenizer)
+            built[family] = load_fp32(path)
+        return built[family]
+
+    return get
 
 
 def load_fp32(path: Path):
@@ -149,9 +159,12 @@ def tiny_gemma2(tiny_gemma2_dir):
     return load_fp32(tiny_gemma2_dir)
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_gpt2", "tiny_gemma2"])
+@pytest.fixture(params=["tiny_llama", "tiny_gpt2", "tiny_gemma2", *OTHER_FAMILIES])
 def tiny_model(request):
-    """Each tiny layout in turn (Llama pre-norm, GPT-2, Gemma2 post-norm)."""
+    """Each tiny layout in turn: Llama, Mistral, Qwen3, Phi3 (pre-norm), Gemma2 and OLMo2
+    (post-norm), GPT-2, GPT-NeoX (parallel residual)."""
+    if request.param in OTHER_FAMILIES:
+        return request.getfixturevalue("other_families")(request.param)
     return request.getfixturevalue(request.param)
 
 
