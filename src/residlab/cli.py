@@ -61,14 +61,15 @@ def _noise_covariance(args: argparse.Namespace) -> None:
 
 
 def _noise_eval(args: argparse.Namespace) -> None:
-    from residlab.noising.eval import read_scored, run_eval, summarize
+    from residlab.noising.eval import run_eval, summarize
     from residlab.noising.runs import RunDir
+    from residlab.store import read_jsonl
 
     run = RunDir(Path(args.run_dir)).check()
     # Without --config, the run's own config.yaml (plus any override flags) is used.
     cfg = load_config(args.config or run.config_file, _overrides(args))
     path, skipped = run_eval(cfg, args.run_dir, score_eos=not args.no_score_eos)
-    print(summarize(read_scored(path)))
+    print(summarize(read_jsonl(path)))
     print(f"scores: {path}")
     if skipped:
         first = skipped[0]

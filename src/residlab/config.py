@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["RUN_EXTRAS", "NoisingConfig", "load_config", "parse_override"]
+__all__ = ["RUN_EXTRAS", "NoisingConfig", "explain", "load_config", "parse_override"]
 
 # Sections a run adds to its config.yaml; ignored when that file is used as a config again.
 RUN_EXTRAS = ("provenance", "noise_shaping")
@@ -85,9 +85,11 @@ class NoisingConfig(BaseModel):
         return self.reference_model_name or self.model_name
 
 
-def _explain(error: ValidationError, model: type[BaseModel]) -> str:
+def explain(error: ValidationError, model: type[BaseModel]) -> str:
     """One line for the first problem, with the closest valid key for unknown ones."""
-    first = error.errors()[0]
+    errors = error.errors()
+    # An unknown key (a typo) usually explains the "required" error next to it: report it first.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     where = ".".join(str(part) for part in first["loc"])
     if first["type"] == "extra_forbidden":
         close = difflib.get_close_matches(where, model.model_fields, n=1)
@@ -120,7 +122,7 @@ def load_config(
     try:
         return model(**data)
     except ValidationError as error:
-        raise ValueError(_explain(error, model)) from None
+        raise ValueError(explain(error, model)) from None
 
 
 def parse_override(text: str) -> Any:

@@ -20,6 +20,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from residlab.config import explain
 from residlab.store import write_text
 
 __all__ = [
@@ -116,14 +117,14 @@ def load_experiment(name: str, root: str | Path | None = None) -> Experiment:
                           f"{listing}); create one with 'residlab experiment init {name}'")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-        config = ExperimentConfig(**data)
     except yaml.YAMLError:
         raise ValueError(f"{path} is not valid YAML") from None
-    except (TypeError, ValidationError) as error:
-        first = error.errors()[0] if isinstance(error, ValidationError) else {"loc": (),
-                                                                            "msg": str(error)}
-        where = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{path}: {where}: {first['msg']}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must be a mapping with model_variants and defaults")
+    try:
+        config = ExperimentConfig(**data)
+    except ValidationError as error:
+        raise ValueError(f"{path}: {explain(error, ExperimentConfig)}") from None
     return Experiment(name, root / name, config)
 
 

@@ -32,7 +32,7 @@ FIELDS = ("prompt", "response", "system_prompt", "tokens", "token_ids", "prompt_
 
 def response_record(
     tokenizer, item: PromptItem, prompt_ids: list[int], response_ids: list[int], *,
-    model: str, extra: dict[str, Any],
+    model: str, extra: dict[str, Any], tags: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The Response JSON (the seed's fields first, then ours)."""
     ids = list(prompt_ids) + list(response_ids)
@@ -47,7 +47,7 @@ def response_record(
         "inference_model": model,
         "prompt_note": item.note,
         "capture_date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "tags": [],
+        "tags": list(tags),
         "id": item.id,
         **extra,
     }
@@ -111,9 +111,16 @@ def generate_responses(
         from residlab.models import load_tokenizer
 
         tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
-        return [_write_imported(tokenizer, item, imported[item.id], out_dir, model_name,
-                                {**common, "source": "imported", "tags": list(tags)})
-                for item in todo]
+        imported_extra = {**common, "source": "imported", "finish_reason": None,
+                          "max_new_tokens": None, "temperature": None}
+        written = []
+        for item in todo:
+            prompt_ids, fill = _prompt_ids(tokenizer, item, prefill)
+            text_ids = tokenizer(imported[item.id], add_special_tokens=False)["input_ids"]
+            written.append(_save(out_dir, response_record(
+                tokenizer, item, prompt_ids, fill + text_ids, model=model_name,
+                extra=imported_extra, tags=tags)))
+        return written
     loaded = loaded or load_variant(experiment, variant_name)
     written = []
     for start in tqdm(range(0, len(todo), batch_size), desc="responses", disable=None):
@@ -124,25 +131,15 @@ def generate_responses(
             max_new_tokens=max_new_tokens, do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else 1.0, interventions=interventions)
         for item, (prompt_ids, fill), out in zip(batch, prompts, outputs, strict=True):
-            record = response_record(
+            written.append(_save(out_dir, response_record(
                 loaded.tokenizer, item, prompt_ids, fill + out.token_ids, model=model_name,
                 extra={**common, "source": "generated", "finish_reason": out.finish_reason,
-                       "max_new_tokens": max_new_tokens, "temperature": temperature})
-            record["tags"] = list(tags)
-            path = out_dir / f"{item.id}.json"
-            write_json(path, record)
-            written.append(path)
+                       "max_new_tokens": max_new_tokens, "temperature": temperature},
+                tags=tags)))
     return written
 
 
-def _write_imported(tokenizer, item, text: str, out_dir: Path, model: str, extra: dict):
-    prompt_ids, fill = _prompt_ids(tokenizer, item, extra.get("prefill"))
-    response_ids = fill + tokenizer(text, add_special_tokens=False)["input_ids"]
-    tags = extra.pop("tags")
-    record = response_record(tokenizer, item, prompt_ids, response_ids, model=model,
-                             extra={**extra, "finish_reason": None, "max_new_tokens": None,
-                                    "temperature": None})
-    record["tags"] = tags
-    path = out_dir / f"{item.id}.json"
+def _save(out_dir: Path, record: dict[str, Any]) -> Path:
+    path = out_dir / f"{record['id']}.json"
     write_json(path, record)
     return path

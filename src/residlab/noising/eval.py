@@ -27,8 +27,7 @@ from residlab.noising.runs import RunDir
 from residlab.scoring import ScoreRow, score_rows
 from residlab.store import write_jsonl
 
-__all__ = ["EVAL_FILE", "Skipped", "main", "read_generations", "read_scored", "run_eval",
-           "summarize"]
+__all__ = ["EVAL_FILE", "Skipped", "main", "read_generations", "run_eval", "summarize"]
 
 log = logging.getLogger(__name__)
 EVAL_FILE = "eval_logprobs.jsonl"
@@ -185,12 +184,6 @@ def run_eval(
     done.sort(key=lambda r: (r["noise_id"], r["noise_scale"], r["prompt_index"]))
     write_jsonl(out_path, done)
     return out_path, skipped
-
-
-def read_scored(path: str | Path) -> list[dict]:
-    from residlab.store import read_jsonl
-
-    return read_jsonl(path)
 
 
 def summarize(records: list[dict], worst: int = 5) -> str:
