@@ -22,6 +22,8 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from residlab.errors import UsageError
+
 __all__ = ["SITES", "Arch", "Layout", "LAYOUTS", "Site", "resolve_arch", "unwrap_model"]
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
@@ -94,7 +96,7 @@ class Arch:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final-normed hidden states ``(..., D) -> (..., V)``, as the LM head does."""
         if self.unembed is None:
-            raise ValueError(f"no unembedding found for family {self.family!r}")
+            raise UsageError(f"no unembedding found for family {self.family!r}")
         logits = self.unembed(hidden)
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
@@ -108,7 +110,7 @@ class Arch:
         """Map a possibly negative layer index into ``[0, n_layers)`` or raise."""
         n = self.n_layers
         if not -n <= layer < n:
-            raise ValueError(
+            raise UsageError(
                 f"layer {layer} is out of range for this {self.family} model with {n} layers; "
                 f"use 0..{n - 1} (or -{n}..-1 counting from the end)"
             )
@@ -117,13 +119,13 @@ class Arch:
     def site_module(self, layer: int, site: str) -> nn.Module:
         """Module whose input (resid_pre) or output (other sites) is the site's activation."""
         if site not in SITES:
-            raise ValueError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
+            raise UsageError(f"unknown site {site!r}; choose one of {', '.join(SITES)}")
         block = self.blocks[self.normalize_layer(layer)]
         if site in ("resid_pre", "resid_post"):
             return block
         name = self.attn_name if site == "attn_out" else self.mlp_name
         if name is None:
-            raise ValueError(
+            raise UsageError(
                 f"site {site!r} is not known for family {self.family!r} (layers given by hand); "
                 "use resid_pre or resid_post"
             )
@@ -139,7 +141,7 @@ def _hidden_size(model: nn.Module) -> int:
     for key in ("hidden_size", "n_embd", "d_model"):
         if isinstance(getattr(config, key, None), int):
             return getattr(config, key)
-    raise ValueError(f"cannot find the hidden size in the config of {type(model).__name__}")
+    raise UsageError(f"cannot find the hidden size in the config of {type(model).__name__}")
 
 
 def resolve_arch(model: nn.Module, layers_path: str | None = None) -> Arch:
@@ -157,16 +159,16 @@ def resolve_arch(model: nn.Module, layers_path: str | None = None) -> Arch:
             body = _get(lm, body_path) if body_path else lm
             blocks = getattr(body, blocks_name)
         except AttributeError:
-            raise ValueError(
+            raise UsageError(
                 f"layers_path {layers_path!r} does not exist in {type(lm).__name__}; "
                 "print(model) to see its module names"
             ) from None
         if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(f"layers_path {layers_path!r} is not a ModuleList of blocks")
+            raise UsageError(f"layers_path {layers_path!r} is not a ModuleList of blocks")
         return Arch(family, body, blocks, None, unembed, None, None, _hidden_size(lm))
     layout = LAYOUTS.get(family)
     if layout is None:
-        raise ValueError(
+        raise UsageError(
             f"unsupported model family {family!r} ({type(lm).__name__}); pass the dotted path "
             "of its block list by hand, e.g. layers_path: model.layers"
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from residlab import handlers
 from residlab.config import NoisingConfig, load_config, parse_override
+from residlab.errors import UsageError
 
 __all__ = ["main"]
 
@@ -46,7 +47,7 @@ def _noise_generate(args: argparse.Namespace) -> None:
     overrides = _overrides(args)
     if args.resume:
         if overrides:
-            raise ValueError("a resumed run keeps its own config; drop the override flags "
+            raise UsageError("a resumed run keeps its own config; drop the override flags "
                              f"({', '.join(overrides)}) or start a new run")
         run = run_generate(resume=args.resume, cov_sqrt=args.cov_sqrt)
     else:
@@ -73,7 +74,7 @@ def _noise_eval(args: argparse.Namespace) -> None:
     print(f"scores: {path}")
     if skipped:
         first = skipped[0]
-        raise ValueError(f"skipped {len(skipped)} unreadable generation line(s) (first: "
+        raise UsageError(f"skipped {len(skipped)} unreadable generation line(s) (first: "
                          f"{first.path}:{first.line}: {first.reason}); the rest were scored")
 
 

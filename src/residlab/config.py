@@ -10,6 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from residlab.errors import UsageError
+
 __all__ = ["RUN_EXTRAS", "NoisingConfig", "explain", "load_config", "parse_override"]
 
 # Sections a run adds to its config.yaml; ignored when that file is used as a config again.
@@ -61,7 +63,7 @@ class NoisingConfig(BaseModel):
     def _norms_ok(cls, norms: list[float] | None) -> list[float] | None:
         for norm in norms or []:
             if not math.isfinite(norm) or norm < 0:
-                raise ValueError(f"noise norm {norm} must be a finite number >= 0")
+                raise UsageError(f"noise norm {norm} must be a finite number >= 0")
         return norms
 
     @field_validator("noise_norm")
@@ -72,7 +74,7 @@ class NoisingConfig(BaseModel):
     @model_validator(mode="after")
     def _sweep_given(self) -> NoisingConfig:
         if not self.noise_norms and self.noise_norm is None:
-            raise ValueError("set noise_norms (a list of scales) or noise_norm")
+            raise UsageError("set noise_norms (a list of scales) or noise_norm")
         return self
 
     @property
@@ -108,21 +110,21 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} not found; pass --config path/to.yaml")
+            raise UsageError(f"config file {str(path)!r} not found; pass --config path/to.yaml")
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             line = f" at line {mark.line + 1}" if mark else ""
-            raise ValueError(f"config file {str(path)!r} is not valid YAML{line}") from None
+            raise UsageError(f"config file {str(path)!r} is not valid YAML{line}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} must be a mapping of keys to values")
+            raise UsageError(f"config file {str(path)!r} must be a mapping of keys to values")
         data = {key: value for key, value in (loaded or {}).items() if key not in RUN_EXTRAS}
     data.update({key: value for key, value in (overrides or {}).items() if value is not None})
     try:
         return model(**data)
     except ValidationError as error:
-        raise ValueError(explain(error, model)) from None
+        raise UsageError(explain(error, model)) from None
 
 
 def parse_override(text: str) -> Any:

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from residlab.config import explain
+from residlab.errors import NotFound, UsageError
 from residlab.store import write_text
 
 __all__ = [
@@ -93,7 +94,7 @@ class Experiment:
             chosen = next(iter(self.config.model_variants))
         if chosen not in self.config.model_variants:
             known = ", ".join(self.config.model_variants)
-            raise LookupError(f"experiment {self.name!r} has no model variant {chosen!r}; "
+            raise NotFound(f"experiment {self.name!r} has no model variant {chosen!r}; "
                               f"variants: {known}")
         return chosen, self.config.model_variants[chosen]
 
@@ -113,29 +114,29 @@ def load_experiment(name: str, root: str | Path | None = None) -> Experiment:
     if not path.is_file():
         known = sorted(p.parent.name for p in root.glob("*/config.yaml")) if root.is_dir() else []
         listing = ", ".join(known) if known else "none"
-        raise LookupError(f"experiment {name!r} not found under {root}/ (experiments: "
+        raise NotFound(f"experiment {name!r} not found under {root}/ (experiments: "
                           f"{listing}); create one with 'residlab experiment init {name}'")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
-        raise ValueError(f"{path} is not valid YAML") from None
+        raise UsageError(f"{path} is not valid YAML") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must be a mapping with model_variants and defaults")
+        raise UsageError(f"{path} must be a mapping with model_variants and defaults")
     try:
         config = ExperimentConfig(**data)
     except ValidationError as error:
-        raise ValueError(f"{path}: {explain(error, ExperimentConfig)}") from None
+        raise UsageError(f"{path}: {explain(error, ExperimentConfig)}") from None
     return Experiment(name, root / name, config)
 
 
 def init_experiment(name: str, root: str | Path | None = None) -> Path:
     """Write a starter ``config.yaml`` using the embedded model (never overwrites)."""
     if not name or "/" in name or name.startswith("."):
-        raise ValueError(f"experiment name {name!r} must be a plain folder name")
+        raise UsageError(f"experiment name {name!r} must be a plain folder name")
     root = Path(root) if root is not None else experiments_root()
     path = root / name / "config.yaml"
     if path.exists():
-        raise ValueError(f"{path} already exists; edit it or pick another name")
+        raise UsageError(f"{path} already exists; edit it or pick another name")
     write_text(path, STARTER)
     return path
 
@@ -161,11 +162,11 @@ def _with_lora(loaded, adapter: str):
     try:
         from peft import PeftModel
     except ImportError:
-        raise ValueError("LoRA variants need peft: pip install 'residlab[lora]'") from None
+        raise UsageError("LoRA variants need peft: pip install 'residlab[lora]'") from None
     try:
         model = PeftModel.from_pretrained(loaded.model, adapter)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load LoRA adapter {adapter!r}: "
+        raise UsageError(f"cannot load LoRA adapter {adapter!r}: "
                          f"{' '.join(str(error).split())[:200]}") from None
     model.eval()
     loaded.model = model

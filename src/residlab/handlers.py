@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from residlab.errors import UsageError
+
 
 def experiment_init(args: argparse.Namespace) -> None:
     from residlab.experiments import init_experiment
@@ -17,7 +19,7 @@ def experiment_init(args: argparse.Namespace) -> None:
 
 def require_positive(name: str, value: int | None) -> None:
     if value is not None and value < 1:
-        raise ValueError(f"{name} must be at least 1, not {value}")
+        raise UsageError(f"{name} must be at least 1, not {value}")
 
 
 def numbers(flag: str, text: str | None) -> list[float]:
@@ -25,7 +27,7 @@ def numbers(flag: str, text: str | None) -> list[float]:
     try:
         return [float(part) for part in (text or "").split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: give comma-separated numbers, e.g. -8,4,16") from None
+        raise UsageError(f"{flag} {text!r}: give comma-separated numbers, e.g. -8,4,16") from None
 
 
 def responses(args: argparse.Namespace) -> None:
@@ -36,7 +38,7 @@ def responses(args: argparse.Namespace) -> None:
     require_positive("--limit", args.limit)
     require_positive("--batch-size", args.batch_size)
     if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, not {args.temperature}")
+        raise UsageError(f"--temperature must be >= 0, not {args.temperature}")
     experiment = load_experiment(args.experiment)
     loaded = None
     if not args.from_responses and (args.load_in_8bit or args.load_in_4bit):
@@ -85,7 +87,7 @@ def steer_specs(text: str | None):
         try:
             specs.append((pieces[0], int(pieces[1]), float(pieces[2])))
         except (IndexError, ValueError):
-            raise ValueError(f"--steer {part!r}: use TRAIT:LAYER:COEF, e.g. "
+            raise UsageError(f"--steer {part!r}: use TRAIT:LAYER:COEF, e.g. "
                              "emotion/optimism:12:8") from None
     return specs
 
@@ -111,7 +113,7 @@ def make_judge(args: argparse.Namespace):
 
     if args.judge_url:
         if not args.judge_model:
-            raise ValueError("--judge-url needs --judge-model")
+            raise UsageError("--judge-url needs --judge-model")
         return EndpointJudge(args.judge_url, args.judge_model, args.judge_key_env)
     from residlab.models import load_model
 
@@ -126,7 +128,7 @@ def steer(args: argparse.Namespace) -> None:
     layers = [int(x) for x in numbers("--layers", args.layers)]
     coefficients = numbers("--coefficients", args.coefficients)
     if not args.rescore and (not layers or not coefficients):
-        raise ValueError("give --layers (e.g. 8,12) and --coefficients (e.g. 4,8,16)")
+        raise UsageError("give --layers (e.g. 8,12) and --coefficients (e.g. 4,8,16)")
     require_positive("--batch-size", args.batch_size)
     path = run_steering(
         experiment, args.trait, layers=layers, coefficients=coefficients,

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from residlab.arch import Arch, resolve_arch
+from residlab.errors import NotFound, UsageError
 
 __all__ = [
     "POSITIONS",
@@ -71,7 +72,7 @@ class Capture:
     def values(self) -> torch.Tensor:
         """All chunks joined along time: ``(batch, total_len, d_model)``."""
         if not self.chunks:
-            raise LookupError("nothing was captured: run a forward pass inside intervene()")
+            raise NotFound("nothing was captured: run a forward pass inside intervene()")
         return torch.cat(self.chunks, dim=1)
 
     def mask(self) -> torch.Tensor:
@@ -140,7 +141,7 @@ def _add_rows(hidden: torch.Tensor, add: Add, chosen: torch.Tensor) -> torch.Ten
     vectors = add.vectors.to(hidden.device, hidden.dtype)
     rows = vectors.expand(hidden.shape[0], -1) if vectors.dim() == 1 else vectors  # (B, D)
     if rows.shape[0] != hidden.shape[0]:
-        raise ValueError(
+        raise UsageError(
             f"Add at layer {add.layer} has {rows.shape[0]} vectors but the batch has "
             f"{hidden.shape[0]} rows; give one vector per row or a single (d_model,) vector"
         )
@@ -198,18 +199,18 @@ class InterventionHandle:
 
 def _check(arch: Arch, intervention: Intervention) -> None:
     if intervention.positions not in POSITIONS:
-        raise ValueError(
+        raise UsageError(
             f"unknown positions {intervention.positions!r}; choose one of {', '.join(POSITIONS)}"
         )
     if isinstance(intervention, Add):
         vectors = intervention.vectors
         if vectors.dim() not in (1, 2) or vectors.shape[-1] != arch.d_model:
-            raise ValueError(
+            raise UsageError(
                 f"Add vectors have shape {tuple(vectors.shape)}; expected ({arch.d_model},) or "
                 f"(batch, {arch.d_model}) for this model's hidden size"
             )
         if not torch.isfinite(vectors).all():
-            raise ValueError("Add vectors contain NaN or infinite values")
+            raise UsageError("Add vectors contain NaN or infinite values")
 
 
 def apply_interventions(

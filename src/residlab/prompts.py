@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from residlab.errors import UsageError
+
 __all__ = [
     "BUILTIN",
     "ChatPrompt",
@@ -54,14 +56,14 @@ def _jsonl(path: Path, text: str) -> Iterator[tuple[int, list]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+            raise UsageError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
         yield line_no - 1, _conversation(record, f"{path}:{line_no}")
 
 
 def _conversation(record: Any, where: str) -> list:
     conversation = record.get("conversation") if isinstance(record, dict) else None
     if not isinstance(conversation, list):
-        raise ValueError(f"{where}: expected a 'conversation' list of {{role, content}} messages")
+        raise UsageError(f"{where}: expected a 'conversation' list of {{role, content}} messages")
     return conversation
 
 
@@ -73,19 +75,19 @@ def builtin_conversations() -> Iterator[tuple[int, list]]:
 
 def _local(path: Path) -> Iterator[tuple[int, list]]:
     if not path.is_file():
-        raise ValueError(f"dataset_path {str(path)!r} not found; give a .jsonl or .parquet file")
+        raise UsageError(f"dataset_path {str(path)!r} not found; give a .jsonl or .parquet file")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
             column = pq.read_table(path, columns=["conversation"]).column("conversation")
         except (KeyError, OSError, ValueError) as error:
-            raise ValueError(f"{path}: cannot read a 'conversation' column ({error})") from None
+            raise UsageError(f"{path}: cannot read a 'conversation' column ({error})") from None
         for index, conversation in enumerate(column.to_pylist()):
             yield index, _conversation({"conversation": conversation}, f"{path} row {index}")
         return
     if path.suffix not in (".jsonl", ".json"):
-        raise ValueError(f"dataset_path {str(path)!r}: use a .jsonl or .parquet file")
+        raise UsageError(f"dataset_path {str(path)!r}: use a .jsonl or .parquet file")
     yield from _jsonl(path, path.read_text("utf-8"))
 
 
@@ -101,12 +103,12 @@ def _hub(name: str, split: str, shuffle: bool, seed: int) -> Iterator[tuple[int,
         for row in stream:
             yield row["_index"], _conversation(row, f"{name} row {row['_index']}")
     except datasets.exceptions.DatasetNotFoundError:
-        raise ValueError(
+        raise UsageError(
             f"dataset {name!r} not found or not accessible; log in with access, set "
             "dataset_path to a local file, or drop dataset_name for the built-in prompts"
         ) from None
     except (OSError, ConnectionError) as error:
-        raise ValueError(
+        raise UsageError(
             f"cannot reach dataset {name!r} ({' '.join(str(error).split())[:120]}); point "
             "dataset_path at a local .parquet/.jsonl copy, or drop dataset_name to use the "
             "built-in prompts"
@@ -153,7 +155,7 @@ def chat_messages(conversation: list, system_prompt: str | None = None) -> list[
 def template_ids(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
     """Chat-templated prompt text and its token ids (the template adds special tokens)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this tokenizer has no chat template; use a chat/instruct model")
+        raise UsageError("this tokenizer has no chat template; use a chat/instruct model")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return text, list(ids)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from residlab.arch import Arch
+from residlab.errors import UsageError
 from residlab.generation import padded_inputs
 
 __all__ = ["ScoreRow", "score_rows"]
@@ -54,7 +55,7 @@ def score_rows(
     """Log-probs of ``token_ids[start:end]`` for each row, one batch forward in all."""
     for row in rows:
         if not 1 <= row.start <= row.end <= len(row.token_ids):
-            raise ValueError(f"bad score span [{row.start}, {row.end}) for "
+            raise UsageError(f"bad score span [{row.start}, {row.end}) for "
                              f"{len(row.token_ids)} tokens; the first token cannot be scored")
     device = next(model.parameters()).device
     inputs = padded_inputs([row.token_ids for row in rows], pad_id, device)

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from residlab.errors import UsageError
+
 __all__ = [
     "atomic_path",
     "write_bytes",
@@ -108,7 +110,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_no}: malformed JSON line ({error.msg})") from None
+                raise UsageError(f"{path}:{line_no}: malformed JSON line ({error.msg})") from None
     return records
 
 

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from residlab.arch import Arch, resolve_arch
+from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment, load_variant
 from residlab.generation import padded_inputs
 from residlab.hooks import Capture, intervene
@@ -46,17 +47,17 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     for part in spec.split(","):
         match = re.fullmatch(r"\s*(-?\d+)(?:\s*-\s*(\d+)(?::(\d+))?)?\s*", part)
         if not match:
-            raise ValueError(f"--layers {spec!r}: cannot read {part!r}; use e.g. 25,27,30 or "
+            raise UsageError(f"--layers {spec!r}: cannot read {part!r}; use e.g. 25,27,30 or "
                              "10-45:3")
         first, last, step = match.groups()
         picked = (range(int(first), int(last) + 1, int(step or 1)) if last else [int(first)])
         for layer in picked:
             if not -n_layers <= layer < n_layers:
-                raise ValueError(f"--layers {spec!r}: layer {layer} is out of range for a "
+                raise UsageError(f"--layers {spec!r}: layer {layer} is out of range for a "
                                  f"model with {n_layers} layers (0-{n_layers - 1})")
             layers.append(layer % n_layers)
     if not layers:
-        raise ValueError(f"--layers {spec!r} selects no layer")
+        raise UsageError(f"--layers {spec!r} selects no layer")
     return sorted(set(layers))
 
 
@@ -129,7 +130,7 @@ def capture_prompt_set(
     source = experiment.responses_dir(source_variant, prompt_set)
     paths = sorted(source.glob("*.json"))
     if not paths:
-        raise LookupError(f"no response JSONs in {source}; run 'residlab responses "
+        raise NotFound(f"no response JSONs in {source}; run 'residlab responses "
                           f"--experiment {experiment.name} --prompt-set {prompt_set} "
                           f"--model-variant {source_variant}' first")
     records = [read_response(path) | {"id": path.stem} for path in paths]
@@ -145,7 +146,7 @@ def capture_prompt_set(
             ["mlp_contribution"] if capture_mlp else [])
     unknown = set(components) - set(COMPONENT_SITES)
     if unknown or not components:
-        raise ValueError(f"unknown component(s) {sorted(unknown)}; use {list(COMPONENT_SITES)}")
+        raise UsageError(f"unknown component(s) {sorted(unknown)}; use {list(COMPONENT_SITES)}")
     extra = {"variant": variant_name, "prompt_set": prompt_set, "responses_from": source_variant,
              "layers": chosen, "components": components, "dtype": dtype}
     write_json(out_dir / "_provenance.json", {

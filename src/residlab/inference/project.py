@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
 from residlab.inference.calibrate import calibration_path
 from residlab.inference.raw import read_parts
@@ -80,7 +81,7 @@ def _calibration(experiment: Experiment, variant: str, use: bool) -> dict | None
         return None
     path = calibration_path(experiment, variant)
     if not path.is_file():
-        raise LookupError(f"calibration missing ({path}); make it with 'residlab calibrate "
+        raise NotFound(f"calibration missing ({path}); make it with 'residlab calibrate "
                           f"--experiment {experiment.name} --model-variant {variant}' or pass "
                           "--no-calibration")
     import orjson
@@ -119,11 +120,11 @@ def project_prompt_set(
     raw_dir = experiment.raw_dir(variant_name, prompt_set)
     files = sorted(raw_dir.glob("*.safetensors")) + sorted(raw_dir.glob("*.pt"))
     if not files:
-        raise LookupError(f"no captures in {raw_dir}; run 'residlab capture --experiment "
+        raise NotFound(f"no captures in {raw_dir}; run 'residlab capture --experiment "
                           f"{experiment.name} --prompt-set {prompt_set}' first")
     traits = list(traits) if traits else traits_with_vectors(experiment, source)
     if not traits:
-        raise LookupError(f"no extracted trait vectors for variant {source}; run 'residlab "
+        raise NotFound(f"no extracted trait vectors for variant {source}; run 'residlab "
                           "extract' first")
     calib = _calibration(experiment, variant_name, calibration or clean_massive_dims)
     options = {"layer": layer, "method": method, "position": position, "component": component}
@@ -143,7 +144,7 @@ def project_prompt_set(
             units = torch.stack([choices[t].vector.unit for t in names])  # (t, d)
             for hidden in parts.values():
                 if hidden.shape[-1] != units.shape[1]:
-                    raise ValueError(f"the vectors have size {units.shape[1]} but {path} has "
+                    raise UsageError(f"the vectors have size {units.shape[1]} but {path} has "
                                      f"{hidden.shape[-1]}; use vectors of this model")
             baselines = [float(choices[t].vector.stats.get("baseline", 0.0)) if centered
                          else 0.0 for t in names]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from residlab.errors import NotFound, UsageError
+
 __all__ = ["PromptItem", "available_prompt_sets", "find_prompt_set", "load_prompt_set"]
 
 ALLOWED_KEYS = {"id", "prompt", "system_prompt", "note"}
@@ -43,12 +45,12 @@ def available_prompt_sets() -> list[str]:
 
 def find_prompt_set(name: str) -> Path:
     if ".." in Path(name).parts:
-        raise ValueError(f"prompt set name {name!r} may not contain '..'")
+        raise UsageError(f"prompt set name {name!r} may not contain '..'")
     for root in _roots():
         path = root / f"{name}.json"
         if path.is_file():
             return path
-    raise LookupError(f"unknown prompt set {name!r}; available: "
+    raise NotFound(f"unknown prompt set {name!r}; available: "
                       f"{', '.join(available_prompt_sets())} (or add datasets/inference/"
                       f"{name}.json)")
 
@@ -59,23 +61,23 @@ def load_prompt_set(name: str) -> list[PromptItem]:
     try:
         data = json.loads(path.read_text("utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON (line {error.lineno}: {error.msg})") from None
+        raise UsageError(f"{path}: not valid JSON (line {error.lineno}: {error.msg})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of {{id, prompt}} objects")
+        raise UsageError(f"{path}: expected a JSON list of {{id, prompt}} objects")
     items, seen = [], set()
     for position, entry in enumerate(data):
         if not isinstance(entry, dict) or "id" not in entry or "prompt" not in entry:
-            raise ValueError(f"{path}: entry {position} needs an 'id' and a 'prompt'")
+            raise UsageError(f"{path}: entry {position} needs an 'id' and a 'prompt'")
         extra = set(entry) - ALLOWED_KEYS
         if extra:
-            raise ValueError(f"{path}: entry {position} has unknown key(s) {sorted(extra)}")
+            raise UsageError(f"{path}: entry {position} has unknown key(s) {sorted(extra)}")
         if not isinstance(entry["prompt"], str):
-            raise ValueError(f"{path}: entry {position}: 'prompt' must be a string")
+            raise UsageError(f"{path}: entry {position}: 'prompt' must be a string")
         item_id = str(entry["id"])
         if item_id in seen:
-            raise ValueError(f"{path}: duplicate id {item_id!r}")
+            raise UsageError(f"{path}: duplicate id {item_id!r}")
         if "/" in item_id or item_id.startswith("."):
-            raise ValueError(f"{path}: id {item_id!r} cannot be used as a file name")
+            raise UsageError(f"{path}: id {item_id!r} cannot be used as a file name")
         seen.add(item_id)
         items.append(PromptItem(item_id, entry["prompt"], entry.get("system_prompt"),
                                 entry.get("note")))

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from residlab.errors import NotFound
 from residlab.store import atomic_path
 
 __all__ = ["FORMAT", "is_complete", "load_raw", "read_parts", "save_raw", "tensor_name"]
@@ -106,7 +107,7 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     Tensor[n, d]}}}, 'response': {...}, 'metadata': {...}}`` from a capture file."""
     path = Path(path)
     if not path.is_file():
-        raise LookupError(f"{path} not found; run 'residlab capture' first")
+        raise NotFound(f"{path} not found; run 'residlab capture' first")
     if path.suffix == ".pt":
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

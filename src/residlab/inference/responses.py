@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from residlab.errors import UsageError
 from residlab.experiments import Experiment, load_variant
 from residlab.generation import generate_ids
 from residlab.hooks import Intervention
@@ -58,11 +59,11 @@ def read_response(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text("utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a readable response JSON ({error})") from None
+        raise UsageError(f"{path}: not a readable response JSON ({error})") from None
     ids, end = record.get("token_ids"), record.get("prompt_end")
     if (not isinstance(ids, list) or not all(isinstance(t, int) for t in ids)
             or not isinstance(end, int) or not 0 < end <= len(ids)):
-        raise ValueError(f"{path}: needs 'token_ids' (list of ints) and 'prompt_end' within it")
+        raise UsageError(f"{path}: needs 'token_ids' (list of ints) and 'prompt_end' within it")
     return record
 
 
@@ -76,13 +77,13 @@ def _imported(path: str | Path, items: list[PromptItem]) -> dict[str, str]:
     try:
         texts = json.loads(Path(path).read_text("utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"--from-responses {path}: not a readable JSON file ({error})") from None
+        raise UsageError(f"--from-responses {path}: not a readable JSON file ({error})") from None
     if not isinstance(texts, dict) or not all(isinstance(v, str) for v in texts.values()):
-        raise ValueError(f"--from-responses {path}: expected a {{prompt_id: response_text}} map")
+        raise UsageError(f"--from-responses {path}: expected a {{prompt_id: response_text}} map")
     known = {item.id for item in items}
     missing = sorted(set(map(str, texts)) - known)
     if missing:
-        raise ValueError(f"--from-responses {path}: ids not in the prompt set: "
+        raise UsageError(f"--from-responses {path}: ids not in the prompt set: "
                          f"{', '.join(missing[:10])}")
     return {str(key): value for key, value in texts.items()}
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from residlab.arch import resolve_arch
 from residlab.config import NoisingConfig
+from residlab.errors import UsageError
 from residlab.generation import padded_inputs
 from residlab.hooks import Capture, intervene
 from residlab.models import LoadedModel, load_model
@@ -65,7 +66,7 @@ class CovarianceFitter:
 
     def result(self) -> Covariance:
         if self.count < 2:
-            raise ValueError("fewer than 2 activation vectors seen; use more prompts or batches")
+            raise UsageError("fewer than 2 activation vectors seen; use more prompts or batches")
         return Covariance(self.mean.copy(), self.comoment / (self.count - 1), self.count)
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from residlab.arch import resolve_arch
 from residlab.config import NoisingConfig
+from residlab.errors import UsageError
 from residlab.models import LoadedModel, load_model, load_tokenizer
 from residlab.noising.runs import RunDir
 from residlab.scoring import ScoreRow, score_rows
@@ -92,7 +93,7 @@ def _retokenized_row(record: dict, tokenizer, score_eos: bool) -> tuple[ScoreRow
     answer = answer if answer in full else answer.strip()  # some templates trim content
     begin = full.rfind(answer) if answer else len(prompt_text)
     if begin < 0:
-        raise ValueError("assistant text not found in the reference chat template")
+        raise UsageError("assistant text not found in the reference chat template")
     end = begin + len(answer)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
@@ -144,7 +145,7 @@ def _existing(path: Path, reference: str) -> list[dict]:
             continue  # rewritten whole below; a bad line is simply scored again
     others = {r.get("reference_model") for r in records} - {reference}
     if others:
-        raise ValueError(f"{path} was scored with {sorted(others)[0]!r}, not {reference!r}; "
+        raise UsageError(f"{path} was scored with {sorted(others)[0]!r}, not {reference!r}; "
                          "move that file away to score with another reference model")
     return records
 
@@ -159,7 +160,7 @@ def run_eval(
     for item in skipped:
         log.warning("%s:%d: %s; skipped", item.path, item.line, item.reason)
     if not records:
-        raise ValueError(f"{run.path} has no generations to score; run 'residlab noise "
+        raise UsageError(f"{run.path} has no generations to score; run 'residlab noise "
                          "generate' first (or --resume it)")
     run_cfg = run.read_config()[0]
     reference = cfg.reference_model_name or run_cfg.reference_model

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from residlab.arch import Arch, resolve_arch
 from residlab.config import NoisingConfig
+from residlab.errors import UsageError
 from residlab.generation import generate_ids
 from residlab.hooks import Add
 from residlab.models import LoadedModel, load_model
@@ -42,7 +43,7 @@ def load_run_prompts(cfg: NoisingConfig, tokenizer) -> list[ChatPrompt]:
     prompts = prepare_prompts(tokenizer, conversations, num_prompts=cfg.num_prompts,
                               max_prompt_len=cfg.max_prompt_len, system_prompt=cfg.system_prompt)
     if not prompts:
-        raise ValueError(
+        raise UsageError(
             f"no prompts left after filtering to max_prompt_len={cfg.max_prompt_len} tokens; "
             "raise max_prompt_len or use a dataset with shorter user turns")
     return prompts

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from residlab.errors import UsageError
+
 __all__ = ["find_cov_sqrt", "load_cov_sqrt", "noise_vector", "noise_vectors"]
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ def noise_vector(seed: int, index: int, d_model: int, cov_sqrt: np.ndarray | Non
     v = cov_sqrt @ u  # (D,)
     norm = np.linalg.norm(v)
     if not np.isfinite(norm) or norm == 0:
-        raise ValueError("cov_sqrt maps a noise direction to zero; re-estimate the covariance")
+        raise UsageError("cov_sqrt maps a noise direction to zero; re-estimate the covariance")
     return v / norm
 
 
@@ -42,14 +44,14 @@ def load_cov_sqrt(path: str | Path, d_model: int) -> np.ndarray:
     try:
         matrix = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read cov_sqrt {str(path)!r}: {error}") from None
+        raise UsageError(f"cannot read cov_sqrt {str(path)!r}: {error}") from None
     if matrix.shape != (d_model, d_model):
-        raise ValueError(
+        raise UsageError(
             f"cov_sqrt {str(path)!r} has shape {matrix.shape} but the model's hidden size is "
             f"{d_model}; estimate it for this model with 'residlab noise covariance'"
         )
     if not np.isfinite(matrix).all():
-        raise ValueError(f"cov_sqrt {str(path)!r} contains NaN or infinite values; re-estimate it")
+        raise UsageError(f"cov_sqrt {str(path)!r} contains NaN or infinite values; re-estimate it")
     return matrix.astype(np.float64)
 
 
@@ -58,7 +60,7 @@ def find_cov_sqrt(output_dir: str | Path, explicit: str | None) -> Path | None:
     ``<output_dir>/cov_sqrt.npy``, else None."""
     if explicit:
         if not Path(explicit).is_file():
-            raise ValueError(f"cov_sqrt file {explicit!r} not found")
+            raise UsageError(f"cov_sqrt file {explicit!r} not found")
         return Path(explicit)
     estimates = sorted(path for path in Path(output_dir).glob("cov/*/cov_sqrt.npy")
                        if not path.parent.name.startswith("."))

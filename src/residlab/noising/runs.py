@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from residlab.config import RUN_EXTRAS, NoisingConfig, load_config
+from residlab.errors import UsageError
 from residlab.prompts import ChatPrompt
 from residlab.store import read_jsonl
 
@@ -88,9 +89,9 @@ class RunDir:
     def check(self) -> RunDir:
         """Raise unless this looks like a noising run directory."""
         if not self.path.is_dir():
-            raise ValueError(f"run directory {str(self.path)!r} does not exist")
+            raise UsageError(f"run directory {str(self.path)!r} does not exist")
         if not self.config_file.is_file() or not self.prompts_file.is_file():
-            raise ValueError(
+            raise UsageError(
                 f"{str(self.path)!r} is not a noising run directory (no config.yaml / "
                 "prompts.jsonl); give a directory made by 'residlab noise generate'"
             )
@@ -109,7 +110,7 @@ class RunDir:
         """``(count, d_model)`` float64 noise bank saved with the run."""
         missing = [i for i in range(count) if not self.noise_file(i).is_file()]
         if missing:
-            raise ValueError(f"{self.path}: noise files missing for ids {missing[:5]}; "
+            raise UsageError(f"{self.path}: noise files missing for ids {missing[:5]}; "
                              "this run cannot be resumed, start a new one")
         return np.stack([np.load(self.noise_file(i), allow_pickle=False) for i in range(count)])
 

@@ -15,6 +15,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from residlab.errors import UsageError
 from residlab.noising.eval import EVAL_FILE
 from residlab.noising.runs import RunDir
 from residlab.noising.stats import METRICS, scale_quantiles, vector_drops, vector_means
@@ -98,15 +99,15 @@ def render_html(payload: dict) -> str:
 def run_viz(run_dir: str | Path, *, top_n: int = 100) -> Path:
     """Build ``RUN/viz.html`` from ``RUN/eval_logprobs.jsonl``."""
     if top_n < 1:
-        raise ValueError(f"--top_n must be at least 1, not {top_n}")
+        raise UsageError(f"--top_n must be at least 1, not {top_n}")
     run = RunDir(Path(run_dir)).check()
     scored = run.path / EVAL_FILE
     if not scored.is_file():
-        raise ValueError(f"{scored} not found; run 'residlab noise eval --run_dir {run.path}' "
+        raise UsageError(f"{scored} not found; run 'residlab noise eval --run_dir {run.path}' "
                          "first")
     records = read_jsonl(scored)
     if not records:
-        raise ValueError(f"{scored} is empty; rerun 'residlab noise eval'")
+        raise UsageError(f"{scored} is empty; rerun 'residlab noise eval'")
     import yaml
 
     config = yaml.safe_load(run.config_file.read_text())

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from residlab.errors import NotFound, UsageError
+
 __all__ = ["TraitData", "available_traits", "find_trait", "load_trait"]
 
 
@@ -37,17 +39,17 @@ def available_traits() -> list[str]:
 
 def find_trait(name: str) -> Path:
     if ".." in Path(name).parts:
-        raise ValueError(f"trait name {name!r} may not contain '..'")
+        raise UsageError(f"trait name {name!r} may not contain '..'")
     for root in _roots():
         if (root / name / "positive.txt").is_file():
             return root / name
-    raise LookupError(f"no data for trait {name!r}; available: {', '.join(available_traits())} "
+    raise NotFound(f"no data for trait {name!r}; available: {', '.join(available_traits())} "
                       f"(or add datasets/traits/{name}/positive.txt and negative.txt)")
 
 
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
-        raise ValueError(f"trait file {path} is missing")
+        raise UsageError(f"trait file {path} is missing")
     return [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
 
 
@@ -56,12 +58,12 @@ def load_trait(name: str) -> TraitData:
     path = find_trait(name)
     positive, negative = _lines(path / "positive.txt"), _lines(path / "negative.txt")
     if not positive:
-        raise ValueError(f"{path}/positive.txt has no lines; a trait needs contrastive examples")
+        raise UsageError(f"{path}/positive.txt has no lines; a trait needs contrastive examples")
     if len(positive) != len(negative):
-        raise ValueError(f"{path}: positive.txt has {len(positive)} lines but negative.txt has "
+        raise UsageError(f"{path}: positive.txt has {len(positive)} lines but negative.txt has "
                          f"{len(negative)}; they pair up line by line, make the counts match")
     if len(positive) < 5:
-        raise ValueError(f"{path}: {len(positive)} pairs is too few to hold out a test split; "
+        raise UsageError(f"{path}: {len(positive)} pairs is too few to hold out a test split; "
                          "write at least 5 (40+ recommended)")
     definition = (path / "definition.txt").read_text("utf-8").strip() if (
         path / "definition.txt").is_file() else ""
@@ -70,5 +72,5 @@ def load_trait(name: str) -> TraitData:
         try:
             questions = json.loads((path / "steering.json").read_text("utf-8"))["questions"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}/steering.json must be {{\"questions\": [...]}}") from None
+            raise UsageError(f"{path}/steering.json must be {{\"questions\": [...]}}") from None
     return TraitData(name, path, positive, negative, definition, list(questions))

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from residlab.arch import resolve_arch
+from residlab.errors import UsageError
 from residlab.experiments import Experiment, load_variant
 from residlab.generation import generate_ids
 from residlab.inference.capture import COMPONENT_SITES, capture_records, parse_layers
@@ -108,9 +109,9 @@ def extract_trait(
     """Generate, capture, pool and fit; vectors and stats land in the experiment."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; use {', '.join(METHODS)}")
+        raise UsageError(f"unknown method(s) {unknown}; use {', '.join(METHODS)}")
     if component not in COMPONENT_SITES:
-        raise ValueError(f"unknown component {component!r}; use {', '.join(COMPONENT_SITES)}")
+        raise UsageError(f"unknown component {component!r}; use {', '.join(COMPONENT_SITES)}")
     parse_position(position)
     data = load_trait(trait)
     variant_name, _ = experiment.variant(variant, role="extraction")

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 
+from residlab.errors import UsageError
 from residlab.prompts import template_ids
 
 __all__ = ["EndpointJudge", "Judge", "LocalJudge", "coherence_prompt", "trait_prompt"]
@@ -56,7 +57,7 @@ class LocalJudge:
         for digit in "0123456789":
             ids = tokenizer(digit, add_special_tokens=False)["input_ids"]
             if len(ids) != 1:
-                raise ValueError(f"judge tokenizer splits the digit {digit!r}; use another "
+                raise UsageError(f"judge tokenizer splits the digit {digit!r}; use another "
                                  "judge model or --judge-url")
             self.digit_ids.append(ids[0])
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from residlab.errors import UsageError
+
 __all__ = ["METHODS", "Evaluation", "evaluate", "fit_direction", "split_pairs"]
 
 
@@ -46,14 +48,14 @@ METHODS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 
 def fit_direction(method: str, positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; use {', '.join(METHODS)}")
+        raise UsageError(f"unknown method {method!r}; use {', '.join(METHODS)}")
     return METHODS[method](positive.astype(np.float64), negative.astype(np.float64))
 
 
 def split_pairs(n_pairs: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train / test pair indices; at least one pair on each side."""
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test fraction {test_fraction} must be between 0 and 1")
+        raise UsageError(f"test fraction {test_fraction} must be between 0 and 1")
     order = np.random.default_rng(seed).permutation(n_pairs)
     n_test = min(max(1, round(n_pairs * test_fraction)), n_pairs - 1)
     return np.sort(order[n_test:]), np.sort(order[:n_test])

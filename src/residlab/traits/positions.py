@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from residlab.errors import UsageError
+
 __all__ = ["parse_position", "pool", "position_slug"]
 
 _SPEC = re.compile(r"^(prompt|response|all)(?:\[(-?\d*)(?::(-?\d*))?\])?$")
@@ -19,7 +21,7 @@ _SPEC = re.compile(r"^(prompt|response|all)(?:\[(-?\d*)(?::(-?\d*))?\])?$")
 def parse_position(spec: str) -> tuple[str, slice]:
     match = _SPEC.match(spec.replace(" ", ""))
     if not match:
-        raise ValueError(f"position {spec!r} not understood; use e.g. response[:5], response, "
+        raise UsageError(f"position {spec!r} not understood; use e.g. response[:5], response, "
                          "prompt[-1] or all")
     part, start, stop = match.groups()
     if "[" not in spec:
@@ -41,5 +43,5 @@ def pool(prompt: torch.Tensor, response: torch.Tensor, spec: str) -> torch.Tenso
     tokens = {"prompt": prompt, "response": response,
               "all": torch.cat([prompt, response])}[part][selection]
     if tokens.shape[0] == 0:
-        raise ValueError(f"position {spec!r} selects no token of this example")
+        raise UsageError(f"position {spec!r} selects no token of this example")
     return tokens.float().mean(dim=0)

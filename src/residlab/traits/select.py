@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
 from residlab.traits.steer import load_results, summarize
 from residlab.traits.vectors import TraitVector, find_vectors, load_vector
@@ -37,7 +38,7 @@ def parse_layer_request(spec: str | int | None) -> tuple[str, int] | list[int]:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"layer {spec!r} not understood; use best, best+5, 16 or 12,16,20") from None
 
 
@@ -78,7 +79,7 @@ def select_vectors(
         have = find_vectors(experiment, trait, variant, position=None, component=component,
                             method=None)
         listing = sorted({f"{c.method}@{c.position}:L{c.layer}" for c in have})
-        raise LookupError(
+        raise NotFound(
             f"no vectors for {trait} (variant {variant}, {component}"
             f"{', ' + method if method else ''}{', ' + position if position else ''}); stored: "
             f"{', '.join(listing[:10]) or 'none'}; run 'residlab extract --traits {trait}'")

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from residlab.arch import resolve_arch
+from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment, load_variant
 from residlab.generation import generate_ids
 from residlab.hooks import Add, Intervention
@@ -64,7 +65,7 @@ def _vectors(experiment, trait, variant, layers, method, position, component, d_
         if not found:
             have = sorted({(f.method, f.layer) for f in find_vectors(
                 experiment, trait, variant, position=None, component=component, method=None)})
-            raise LookupError(
+            raise NotFound(
                 f"no {method} vector for {trait} at layer {layer} ({position}, {component}, "
                 f"variant {variant}); stored: {have[:12] or 'none'}; run 'residlab extract' first")
         units[layer] = load_vector(found[0].path, d_model).unit
@@ -96,7 +97,7 @@ def run_steering(
     """Generate (unless ``rescore``), judge, and merge into results.jsonl; returns its path."""
     data = load_trait(trait)
     if not data.questions:
-        raise ValueError(f"{data.path}/steering.json has no questions")
+        raise UsageError(f"{data.path}/steering.json has no questions")
     variant_name, _ = experiment.variant(variant)
     source, _ = experiment.variant(vector_variant, role="extraction")
     folder = steering_dir(experiment, data.name, variant_name)
@@ -105,7 +106,7 @@ def run_steering(
     answers_file = folder / "answers.jsonl"
     if rescore:
         if not answers_file.is_file():
-            raise ValueError(f"{answers_file} not found; run without --rescore first")
+            raise UsageError(f"{answers_file} not found; run without --rescore first")
         answered = read_jsonl(answers_file)
     else:
         loaded = loaded or load_variant(experiment, variant_name)
@@ -128,7 +129,7 @@ def run_steering(
         coherence = judge.score([coherence_prompt(r["question"], r["answer"], judge.scale)
                                  for r in answered])
     except ConnectionError as error:
-        raise ValueError(f"{error}; the answers are kept in {answers_file}: rerun with "
+        raise UsageError(f"{error}; the answers are kept in {answers_file}: rerun with "
                          "--rescore to score them") from None
     scored = [{**r, "trait_score": t, "coherence_score": c, "judge": judge.name}
               for r, t, c in zip(answered, trait_scores, coherence, strict=True)]
@@ -193,7 +194,7 @@ def steering_interventions(experiment: Experiment, loaded, specs) -> list[Interv
         (choice,) = select_vectors(experiment, trait, variant=source, layer=layer)
         log.info("steering %s: %s, coefficient %g", trait, choice.reason, coefficient)
         if choice.vector.vector.shape[0] != d_model:
-            raise ValueError(f"vector for {trait} has size {choice.vector.vector.shape[0]}, "
+            raise UsageError(f"vector for {trait} has size {choice.vector.vector.shape[0]}, "
                              f"the model's hidden size is {d_model}")
         out.append(Add(choice.vector.layer, choice.vector.unit * coefficient, site="resid_post"))
     return out

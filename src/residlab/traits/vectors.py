@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from residlab.errors import UsageError
 from residlab.experiments import Experiment
 from residlab.store import atomic_path
 from residlab.traits.positions import position_slug
@@ -109,7 +110,7 @@ def load_vector(path: Path, d_model: int | None = None) -> TraitVector:
         meta = json.loads(handle.metadata()["residlab"])
         vector = handle.get_tensor("vector").float()
     if d_model is not None and vector.shape != (d_model,):
-        raise ValueError(f"vector {path} has size {tuple(vector.shape)} but the model's hidden "
+        raise UsageError(f"vector {path} has size {tuple(vector.shape)} but the model's hidden "
                          f"size is {d_model}; extract it with this model")
     keys = ("trait", "variant", "position", "component", "method", "layer")
     return TraitVector(*(meta[k] for k in keys), vector,
