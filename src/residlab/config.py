@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from residlab.errors import UsageError
+from residlab.options import CommandOptions, DType, validate
+from residlab.options import explain as explain
 
-__all__ = ["RUN_EXTRAS", "NoisingConfig", "explain", "load_config", "parse_override"]
+__all__ = ["RUN_EXTRAS", "NoisingConfig", "explain", "load_config"]
 
 # Sections a run adds to its config.yaml; ignored when that file is used as a config again.
 RUN_EXTRAS = ("provenance", "noise_shaping")
 
 
-class NoisingConfig(BaseModel):
-    """Everything the noising runner needs; field names are the YAML keys."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class NoisingConfig(CommandOptions):
+    """Everything the noising runner needs; field names are the YAML keys (and flags)."""
 
     # --- the seed's keys ---
     model_name: str = Field("default", description="hub id, local directory, or 'default'")
     reference_model_name: str | None = Field(None, description="scorer; defaults to model_name")
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dtype: DType = Field("bf16", description="bf16|bfloat16, fp16|float16|half, "
+                         "fp32|float32|float, or auto (the checkpoint's dtype)")
     dataset_name: str | None = Field(
         None, description="hub dataset in the lmsys-chat-1m schema; None/'builtin': built-in"
     )
@@ -50,6 +50,9 @@ class NoisingConfig(BaseModel):
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    generation_defaults: Literal["plain", "model"] = Field(
+        "plain", description="plain: transformers' defaults; model: also the checkpoint's "
+        "generation_config.json (repetition_penalty, ...)")
     shape_noise: bool = True
     cov_sqrt_path: str | None = None
     cov_batches: int = Field(10, ge=1)
@@ -87,20 +90,6 @@ class NoisingConfig(BaseModel):
         return self.reference_model_name or self.model_name
 
 
-def explain(error: ValidationError, model: type[BaseModel]) -> str:
-    """One line for the first problem, with the closest valid key for unknown ones."""
-    errors = error.errors()
-    # An unknown key (a typo) usually explains the "required" error next to it: report it first.
-    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    where = ".".join(str(part) for part in first["loc"])
-    if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(where, model.model_fields, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown config key {where!r}{hint}"
-    message = first["msg"].removeprefix("Value error, ")
-    return f"config key {where!r}: {message}" if where else f"config: {message}"
-
-
 def load_config(
     path: str | Path | None, overrides: dict[str, Any] | None = None,
     model: type[BaseModel] = NoisingConfig,
@@ -120,15 +109,10 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise UsageError(f"config file {str(path)!r} must be a mapping of keys to values")
         data = {key: value for key, value in (loaded or {}).items() if key not in RUN_EXTRAS}
-    data.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    try:
-        return model(**data)
-    except ValidationError as error:
-        raise UsageError(explain(error, model)) from None
-
-
-def parse_override(text: str) -> Any:
-    """A command-line value as YAML (``4``, ``true``, ``[1, 2]``); ``1,2,4`` is a list."""
-    if "," in text and not text.lstrip().startswith(("[", "{", '"', "'")):
-        return [yaml.safe_load(part) for part in text.split(",")]
-    return yaml.safe_load(text)
+    overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
+    if "noise_norm" in overrides and data.get("noise_norms") and "noise_norms" not in overrides:
+        raise UsageError(
+            f"--noise_norm is given but {str(path)!r} sets noise_norms, which would win; "
+            "give the sweep as --noise_norms 4 (one value is a list of one)")
+    data.update(overrides)
+    return validate(model, data, what="config key")

@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from residlab.config import explain
 from residlab.errors import NotFound, UsageError
+from residlab.options import DType
 from residlab.store import write_text
 
 __all__ = [
@@ -42,7 +42,7 @@ class Variant(BaseModel):
 
     model: str = Field("default", description="hub id, local directory, or 'default'")
     lora: str | None = Field(None, description="PEFT adapter (hub id or directory) on top")
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    dtype: DType = Field("bf16", description="bf16, fp16, fp32 (any common spelling) or auto")
     device: str = "auto"
     trust_remote_code: bool = False
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from residlab.errors import UsageError
+from residlab.options import normalize_dtype
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -81,11 +82,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The requested dtype, or a working one with a warning where the device is poor at it."""
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    wanted = DTYPES[dtype]
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The requested dtype (any name in ``DTYPE_ALIASES`` or a torch dtype), or a working one
+    with a warning where the device is poor at it."""
+    from residlab.options import normalize_dtype
+
+    if isinstance(dtype, torch.dtype):
+        wanted = dtype
+    elif normalize_dtype(dtype) in DTYPES:
+        wanted = DTYPES[normalize_dtype(dtype)]
+    else:
+        raise UsageError(f"unknown dtype {dtype!r}; use bf16 (bfloat16), fp16 (float16, half), "
+                         "fp32 (float32, float) or auto (the checkpoint's own)")
     if device.type == "cuda" and wanted == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         log.warning("this GPU has no fast bf16; using fp16 instead")
         return torch.float16
@@ -210,6 +218,21 @@ def load_tokenizer(name: str | None = DEFAULT_MODEL, *, trust_remote_code: bool 
     return tokenizer
 
 
+def _checkpoint_dtype(path: str) -> torch.dtype:
+    """The dtype a checkpoint declares (``dtype`` / ``torch_dtype`` in its config), else fp32."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return torch.float32  # from_pretrained below reports the real problem
+    text = getattr(config, "text_config", None) or config
+    declared = getattr(text, "dtype", None) or getattr(config, "dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) else torch.float32
+
+
 def _first_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return text[:300]
@@ -243,9 +266,11 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # loading from safetensors takes a second
     torch_device = resolve_device(device)
+    path, provenance = _source(name)
+    if normalize_dtype(dtype) == "auto":
+        dtype = _checkpoint_dtype(path)
     torch_dtype = resolve_dtype(dtype, torch_device)
     quantization = _quantization(load_in_8bit, load_in_4bit, torch_device)
-    path, provenance = _source(name)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": torch_device.index or 0})

@@ -1,0 +1,208 @@
+"""``residlab experiment init | responses | capture | project | calibrate``.
+
+Each command's options are one model; its ``run`` loads what it needs, calls the stage, and
+writes ``_command.yaml`` (the resolved options and where the model came from) next to the
+outputs. (YAML, so that no ``*.json`` reader of a data folder mistakes it for a record.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from residlab.errors import UsageError
+from residlab.options import CommandOptions, StorageDType, option
+
+__all__ = [
+    "CalibrateOptions",
+    "CaptureOptions",
+    "ExperimentInitOptions",
+    "ProjectOptions",
+    "ResponsesOptions",
+    "record_command",
+    "run_calibrate",
+    "run_capture",
+    "run_experiment_init",
+    "run_project",
+    "run_responses",
+]
+
+Component = Literal["residual", "attn_contribution", "mlp_contribution"]
+
+
+def record_command(folder: Path, command: str, options: CommandOptions, loaded=None,
+                   **extra) -> None:
+    """``folder/_command.yaml``: what made the files in ``folder``."""
+    from residlab.provenance import command_record
+    from residlab.store import write_yaml
+
+    model = dict(loaded.provenance) if loaded is not None else None
+    write_yaml(Path(folder) / "_command.yaml",
+               command_record(command, options, model=model, **extra))
+
+
+class ExperimentInitOptions(CommandOptions):
+    name: str = option(..., "experiment folder name", positional=True)
+
+
+class ExperimentOptions(CommandOptions):
+    """What every experiment command shares."""
+
+    experiment: str = option(..., "experiments/{name}/config.yaml")
+    model_variant: str | None = option(None, "variant (default: the experiment's "
+                                       "defaults.application)")
+
+
+class PromptSetOptions(ExperimentOptions):
+    prompt_set: str = option(..., "datasets/inference/{name}.json (nested names allowed)")
+    skip_existing: bool = option(False, "keep finished files")
+    no_server: bool = option(False, "load the model in this process (the only mode there is)")
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass")
+    load_in_8bit: bool = option(False, "bitsandbytes 8-bit (CUDA only)")
+    load_in_4bit: bool = option(False, "bitsandbytes 4-bit (CUDA only)")
+
+
+class ResponsesOptions(PromptSetOptions):
+    max_new_tokens: int = Field(50, ge=1, description="tokens to generate (Mode A)")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (Mode A)")
+    generation_defaults: Literal["plain", "model"] = option(
+        "plain", "plain: transformers' defaults; model: also the checkpoint's "
+        "generation_config.json")
+    prefill: str | None = option(None, "text appended after the generation prompt")
+    from_responses: str | None = option(None, "Mode B: a {prompt_id: response_text} JSON file "
+                                        "(tokenizer only)")
+    limit: int | None = Field(None, ge=1, description="first N prompts only")
+    output_suffix: str | None = option(None, "write to responses/{prompt_set}_{suffix}")
+    steer: list[str] | None = option(None, "TRAIT:LAYER:COEF[,...]: add coef x unit trait "
+                                     "vector at the layer while generating")
+
+
+class CaptureOptions(PromptSetOptions):
+    layers: str | None = option(None, "e.g. 25,27,30 or 10-45:3 (default: all)")
+    capture_mlp: bool = option(False, "also capture mlp_contribution")
+    response_only: bool = option(False, "save response tokens only")
+    responses_from: str | None = option(None, "run this variant on another variant's tokens "
+                                        "(model diff)")
+    dtype: StorageDType = option("bf16", "storage dtype of the saved activations")
+
+
+class ProjectOptions(ExperimentOptions):
+    prompt_set: str = option(..., "the captured prompt set")
+    layer: str = option("best", "best, best+5, 16 or 12,16 (default: best)")
+    method: str | None = option(None, "vector method (default: auto)")
+    component: Component = option("residual", "activation component")
+    position: str | None = option(None, "vector position (default: auto)")
+    extraction_variant: str | None = option(None, "whose vectors (default: the experiment's "
+                                            "defaults.extraction)")
+    traits: list[str] | None = option(None, "comma-separated (default: all extracted)")
+    skip_existing: bool = option(False, "keep finished files")
+    no_calibration: bool = option(False, "do not embed massive-dims values")
+    centered: bool = option(False, "subtract the vector's baseline")
+    clean_massive_dims: bool = option(False, "also projections with the massive dims removed")
+
+
+class CalibrateOptions(ExperimentOptions):
+    prompt_set: str = option("calibration", "prompt set to calibrate on")
+    top_k: int = Field(8, ge=1, description="massive dims kept per layer")
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass")
+
+
+def run_experiment_init(options: ExperimentInitOptions) -> None:
+    from residlab.experiments import init_experiment
+
+    print(f"experiment config: {init_experiment(options.name)}")
+
+
+def parse_steer_specs(specs: list[str] | None) -> list[tuple[str, int, float]]:
+    """``["TRAIT:LAYER:COEF", ...]`` -> ``[(trait, layer, coefficient)]``."""
+    out = []
+    for part in specs or []:
+        pieces = part.strip().rsplit(":", 2)
+        try:
+            out.append((pieces[0], int(pieces[1]), float(pieces[2])))
+        except (IndexError, ValueError):
+            raise UsageError(f"--steer {part!r}: use TRAIT:LAYER:COEF, e.g. "
+                             "emotion/optimism:12:8") from None
+    return out
+
+
+def run_responses(options: ResponsesOptions) -> None:
+    from residlab.experiments import load_experiment, load_variant
+    from residlab.inference.responses import generate_responses
+
+    specs = parse_steer_specs(options.steer)
+    if specs and options.from_responses:
+        raise UsageError("--steer changes generation, but --from-responses imports texts that "
+                         "were not generated here; drop one of them")
+    experiment = load_experiment(options.experiment)
+    loaded = None
+    if not options.from_responses:
+        loaded = load_variant(experiment, options.model_variant,
+                              load_in_8bit=options.load_in_8bit, load_in_4bit=options.load_in_4bit)
+    interventions, tags = [], []
+    if specs:
+        from residlab.traits.steer import steering_interventions
+
+        interventions = steering_interventions(experiment, loaded, specs)
+        tags = [f"steer:{t}:{layer}:{c:g}" for t, layer, c in specs]
+    written = generate_responses(
+        experiment, options.prompt_set, variant=options.model_variant,
+        interventions=interventions, tags=tags, max_new_tokens=options.max_new_tokens,
+        temperature=options.temperature, prefill=options.prefill,
+        from_responses=options.from_responses, skip_existing=options.skip_existing,
+        limit=options.limit, output_suffix=options.output_suffix,
+        batch_size=options.batch_size, loaded=loaded)
+    if written:
+        record_command(written[0].parent, "responses", options, loaded)
+    folder = written[0].parent if written else "(nothing new to write)"
+    print(f"responses: {len(written)} written to {folder}")
+
+
+def run_capture(options: CaptureOptions) -> None:
+    from residlab.experiments import load_experiment, load_variant
+    from residlab.inference.capture import capture_prompt_set
+
+    experiment = load_experiment(options.experiment)
+    loaded = load_variant(experiment, options.model_variant,
+                          load_in_8bit=options.load_in_8bit, load_in_4bit=options.load_in_4bit)
+    result = capture_prompt_set(
+        experiment, options.prompt_set, variant=options.model_variant,
+        responses_from=options.responses_from, layers=options.layers,
+        capture_mlp=options.capture_mlp, response_only=options.response_only,
+        skip_existing=options.skip_existing, dtype=options.dtype,
+        batch_size=options.batch_size, loaded=loaded)
+    record_command(result.out_dir, "capture", options, loaded)
+    print(f"captured: {len(result.written)} written, {result.skipped} already complete, "
+          f"in {result.out_dir}")
+
+
+def run_project(options: ProjectOptions) -> None:
+    from residlab.experiments import load_experiment
+    from residlab.inference.project import project_prompt_set
+
+    written = project_prompt_set(
+        load_experiment(options.experiment), options.prompt_set,
+        variant=options.model_variant, traits=options.traits, layer=options.layer,
+        method=options.method, component=options.component, position=options.position,
+        extraction_variant=options.extraction_variant, skip_existing=options.skip_existing,
+        calibration=not options.no_calibration, centered=options.centered,
+        clean_massive_dims=options.clean_massive_dims)
+    for folder in sorted({path.parent for path in written}):
+        record_command(folder, "project", options)
+    print(f"projections: {len(written)} written")
+
+
+def run_calibrate(options: CalibrateOptions) -> None:
+    from residlab.experiments import load_experiment, load_variant
+    from residlab.inference.calibrate import run_calibration
+
+    experiment = load_experiment(options.experiment)
+    loaded = load_variant(experiment, options.model_variant)
+    path = run_calibration(experiment, variant=options.model_variant,
+                           prompt_set=options.prompt_set, top_k=options.top_k,
+                           batch_size=options.batch_size, loaded=loaded)
+    record_command(path.parent, "calibrate", options, loaded)
+    print(f"calibration: {path}")
+
