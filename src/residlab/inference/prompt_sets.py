@@ -64,6 +64,8 @@ def load_prompt_set(name: str) -> list[PromptItem]:
         raise UsageError(f"{path}: not valid JSON (line {error.lineno}: {error.msg})") from None
     if not isinstance(data, list):
         raise UsageError(f"{path}: expected a JSON list of {{id, prompt}} objects")
+    if not data:
+        raise UsageError(f"{path} has no prompts; add {{id, prompt}} objects to its list")
     items, seen = [], set()
     for position, entry in enumerate(data):
         if not isinstance(entry, dict) or "id" not in entry or "prompt" not in entry:
