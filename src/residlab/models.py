@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,17 @@ def _source(name: str | None) -> tuple[str, dict[str, Any]]:
         config = path / "config.json"
         digest = _sha256(config) if config.is_file() else None
         return str(path), {"model": str(path), "source": "local", "config_sha256": digest}
+    if _looks_like_path(name):
+        raise UsageError(f"model folder {name!r} not found; give an existing local model "
+                         "directory, a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, "
+                         "or 'default'")
     return name, {"model": name, "source": "hub"}
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else with a path shape is a folder."""
+    return (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+            or "\\" in name or name.endswith("/"))
 
 
 def load_tokenizer(name: str | None = DEFAULT_MODEL, *, trust_remote_code: bool = False):
@@ -274,6 +285,9 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": torch_device.index or 0})
+    log.info("loading %s (%s, %s, %s)", provenance.get("model", name), provenance["source"],
+             str(torch_dtype).removeprefix("torch."), torch_device)
+    started = time.monotonic()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
@@ -290,5 +304,6 @@ def load_model(
         provenance["revision"] = commit
     provenance.update(dtype=str(torch_dtype).removeprefix("torch."), device=str(torch_device),
                       libraries=library_versions())
+    log.info("loaded %s in %.1f s", provenance.get("model", name), time.monotonic() - started)
     return LoadedModel(model, tokenizer, name or DEFAULT_MODEL, torch_device, torch_dtype,
                        provenance)

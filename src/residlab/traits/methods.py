@@ -14,7 +14,7 @@ import numpy as np
 
 from residlab.errors import UsageError
 
-__all__ = ["METHODS", "Evaluation", "evaluate", "fit_direction", "split_pairs"]
+__all__ = ["METHODS", "Evaluation", "Fitted", "evaluate", "fit", "fit_direction", "split_pairs"]
 
 
 def mean_diff(positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
@@ -46,10 +46,41 @@ METHODS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 }
 
 
-def fit_direction(method: str, positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class Fitted:
+    """A direction oriented so that the positive class projects higher on the training data."""
+
+    direction: np.ndarray  # (d,)
+    flipped: bool  # the method's own sign was reversed by the orientation
+    pair_accuracy: float  # share of training pairs whose positive side projects higher
+
+
+def _pair_accuracy(direction: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> float:
+    gaps = (positive - negative) @ direction  # (n,) per pair: positive minus negative
+    return float((gaps > 0).mean())
+
+
+def fit(method: str, positive: np.ndarray, negative: np.ndarray) -> Fitted:
+    """Fit ``method`` and orient the result. The sign of a PCA direction (and of a probe on a
+    degenerate split) is arbitrary, and a sign taken from the mean difference follows a few
+    outlier pairs; so the sign under which most training pairs put their positive side higher
+    wins (a tie keeps the side of the mean difference)."""
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; use {', '.join(METHODS)}")
-    return METHODS[method](positive.astype(np.float64), negative.astype(np.float64))
+    positive, negative = positive.astype(np.float64), negative.astype(np.float64)
+    direction = METHODS[method](positive, negative)  # (d,)
+    accuracy = _pair_accuracy(direction, positive, negative)
+    flipped_accuracy = _pair_accuracy(-direction, positive, negative)
+    mean_gap = (positive.mean(axis=0) - negative.mean(axis=0)) @ direction
+    flip = flipped_accuracy > accuracy or (flipped_accuracy == accuracy and mean_gap < 0)
+    if flip:
+        direction, accuracy = -direction, flipped_accuracy
+    return Fitted(direction, bool(flip), accuracy)
+
+
+def fit_direction(method: str, positive: np.ndarray, negative: np.ndarray) -> np.ndarray:
+    """The oriented direction of :func:`fit` ``(d,)``."""
+    return fit(method, positive, negative).direction
 
 
 def split_pairs(n_pairs: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
