@@ -173,3 +173,18 @@ def test_full_disk_is_one_line(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("residlab: error: No space left on device") and "\n" not in err
     assert not (tmp_path / "demo" / "config.yaml").exists()
+
+
+def test_a_typo_is_answered_with_the_keys_of_its_own_section(tmp_path, monkeypatch):
+    from residlab.experiments import load_experiment
+
+    monkeypatch.setenv("RESIDLAB_EXPERIMENTS_DIR", str(tmp_path))
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.yaml").write_text(
+        "model_variants:\n  base:\n    model: default\n    dtyp: fp32\n")
+    with pytest.raises(UsageError, match="'model_variants.base.dtyp'; did you mean 'dtype'"):
+        load_experiment("e")
+    (tmp_path / "e" / "config.yaml").write_text(
+        "model_variants:\n  base: {model: default}\ndefaults:\n  aplication: base\n")
+    with pytest.raises(UsageError, match="did you mean 'application'"):
+        load_experiment("e")

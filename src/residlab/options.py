@@ -197,24 +197,27 @@ def flag_values(model: type[BaseModel], namespace: argparse.Namespace | Mapping[
 
 # --- validation with one-line messages -------------------------------------------------------
 
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class inside an annotation (``Variant``, ``dict[str, Variant]``, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _section_fields(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys valid where an unknown key sits (nested sections suggest their own keys)."""
-    current: Any = model
+    """The keys valid where an unknown key sits: a typo inside ``model_variants.base`` gets
+    the keys of a variant, not those of the top level."""
+    current: type[BaseModel] = model
     for part in loc[:-1]:
-        if isinstance(part, int) or current is None:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:  # a dict key or list index: still the same kind of section
             continue
-        field = getattr(current, "model_fields", {}).get(part)
-        annotation = field.annotation if field is not None else None
-        candidates = [annotation, *get_args(annotation)] if annotation is not None else []
-        current = next((c for c in candidates if isinstance(c, type)
-                        and issubclass(c, BaseModel)), None)
-        if current is None:  # a dict of sections (model_variants: {name: Variant})
-            for arg in get_args(annotation) if annotation is not None else []:
-                inner = [a for a in get_args(arg) or [arg] if isinstance(a, type)
-                         and issubclass(a, BaseModel)]
-                if inner:
-                    current = inner[0]
-    return list(getattr(current, "model_fields", {}) or [])
+        current = _inner_model(field.annotation) or current
+    return list(current.model_fields)
 
 
 def explain(error: ValidationError, model: type[BaseModel], *, what: str = "config key") -> str:
