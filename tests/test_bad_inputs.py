@@ -122,7 +122,7 @@ CASES = [
     Case("missing config file", lambda c: ["noise", "generate", "--config",
                                            str(c.root / "nope.yaml")], "not found"),
     Case("missing model", lambda c: c.noise(model_name=str(c.root / "no-model")),
-         "cannot load model"),
+         "model folder"),
     Case("empty prompt file", lambda c: c.noise(dataset_path=c.file("empty.jsonl", "")),
          "no prompts"),
     Case("malformed prompt file", lambda c: c.noise(dataset_path=c.file(

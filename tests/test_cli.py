@@ -76,7 +76,7 @@ def test_seed_module_invocation(write_config, tmp_path):
         ({"noise_norms": None}, "set noise_norms"),
         ({"max_prompt_len": 2}, "no prompts left after filtering"),
         ({"dataset_path": "/nonexistent/prompts.jsonl"}, "not found"),
-        ({"model_name": "/nonexistent/model-dir-or-id"}, "cannot load model"),
+        ({"model_name": "/nonexistent/model-dir-or-id"}, "model folder"),
         ({"dtype": "int3"}, "'dtype'"),
         ({"site": "resid_middle"}, "'site'"),
     ],
@@ -102,7 +102,7 @@ def test_bad_files(tmp_path, capsys, write_config):
     nan[3, 3] = np.inf
     np.save(tmp_path / "nan.npy", nan)
     _fails(capsys, ["noise", "generate", "--config", str(config), "--cov-sqrt",
-                    str(tmp_path / "nan.npy")], "NaN or infinite", tmp_path / "out")
+                    str(tmp_path / "nan.npy")], "infinite", tmp_path / "out")
     lines = tmp_path / "bad.jsonl"
     lines.write_text('{"conversation": [{"role": "user", "content": "hi"}]}\n{"conver\n')
     _fails(capsys, ["noise", "generate", "--config", str(write_config(dataset_path=str(lines)))],

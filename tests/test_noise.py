@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+from residlab.errors import UsageError
 from residlab.noising.covariance import CovarianceFitter, psd_sqrt
-from residlab.noising.noise import find_cov_sqrt, load_cov_sqrt, noise_vector, noise_vectors
+from residlab.noising.noise import (
+    ESTIMATE_FILE,
+    EstimateKey,
+    find_cov_sqrt,
+    load_cov_sqrt,
+    noise_vector,
+    noise_vectors,
+)
 
 
 def test_vector_i_does_not_depend_on_bank_size():
@@ -62,14 +72,51 @@ def test_cov_sqrt_checks(tmp_path):
         load_cov_sqrt(tmp_path / "nan.npy", 4)
 
 
-def test_find_cov_sqrt_prefers_latest_estimate(tmp_path):
-    assert find_cov_sqrt(tmp_path, None) is None
-    np.save(tmp_path / "cov_sqrt.npy", np.eye(2))
-    assert find_cov_sqrt(tmp_path, None) == tmp_path / "cov_sqrt.npy"
-    for stamp in ("20260101-000000", "20260301-000000", ".staging-x"):
-        (tmp_path / "cov" / stamp).mkdir(parents=True)
-        np.save(tmp_path / "cov" / stamp / "cov_sqrt.npy", np.eye(2))
+def test_malformed_npy_is_named_as_such(tmp_path):
+    text = tmp_path / "cov_sqrt.npy"
+    text.write_text("0.1 0.2\n0.3 0.4\n")
+    with pytest.raises(UsageError, match=r"is not a NumPy array file \(\.npy\)") as error:
+        load_cov_sqrt(text, 2)
+    assert "pickle" not in str(error.value)
+    np.savez(tmp_path / "archive.npz", a=np.eye(2))
+    with pytest.raises(UsageError, match="not a NumPy array file"):
+        load_cov_sqrt(tmp_path / "archive.npz", 2)
+    np.save(tmp_path / "words.npy", np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(UsageError, match="non-real"):
+        load_cov_sqrt(tmp_path / "words.npy", 2)
+
+
+def _estimate(root, stamp: str, layer: int | None) -> None:
+    """A fake estimate directory; ``layer=None`` leaves out its provenance record."""
+    folder = root / "cov" / stamp
+    folder.mkdir(parents=True)
+    np.save(folder / "cov_sqrt.npy", np.eye(2))
+    if layer is not None:
+        record = {"model": {"source": "hub", "model": "org/m"}, "layer_index": layer,
+                  "site": "resid_pre"}
+        (folder / ESTIMATE_FILE).write_text(json.dumps(record))
+
+
+def test_find_cov_sqrt_takes_the_newest_matching_estimate(tmp_path):
+    want = EstimateKey({"source": "hub", "model": "org/m"}, 3, "resid_pre")
+    assert find_cov_sqrt(tmp_path, None, want=want) is None
+    np.save(tmp_path / "cov_sqrt.npy", np.eye(2))  # legacy, unknown provenance
+    with pytest.raises(UsageError, match=r"newest, .*cov_sqrt.npy, has no estimate.json"):
+        find_cov_sqrt(tmp_path, None, want=want)
+    for stamp, layer in [("20260101-000000", 3), ("20260201-000000", 3), ("20260301-000000", 5),
+                         ("20260401-000000", None), (".staging-x", 3)]:
+        _estimate(tmp_path, stamp, layer)
+    assert find_cov_sqrt(tmp_path, None, want=want) == (
+        tmp_path / "cov" / "20260201-000000" / "cov_sqrt.npy")
     assert find_cov_sqrt(tmp_path, None) == tmp_path / "cov" / "20260301-000000" / "cov_sqrt.npy"
-    assert find_cov_sqrt(tmp_path, str(tmp_path / "cov_sqrt.npy")) == tmp_path / "cov_sqrt.npy"
-    with pytest.raises(ValueError, match="not found"):
+    other = EstimateKey({"source": "hub", "model": "org/m", "revision": "abc"}, 3, "resid_pre")
+    with pytest.raises(UsageError, match=r"none of the 5 .*newest, .*20260401-000000"):
+        find_cov_sqrt(tmp_path, None, want=other)
+    (tmp_path / "cov" / "20260401-000000").rename(tmp_path / "cov" / ".old")
+    with pytest.raises(UsageError, match=r"was made for model org/m \(this run: org/m revision "
+                                         r"abc\), layer_index 5 \(this run: 3\)"):
+        find_cov_sqrt(tmp_path, None, want=other)
+    explicit = str(tmp_path / "cov_sqrt.npy")
+    assert find_cov_sqrt(tmp_path, explicit, want=other) == tmp_path / "cov_sqrt.npy"
+    with pytest.raises(UsageError, match="not found"):
         find_cov_sqrt(tmp_path, str(tmp_path / "missing.npy"))

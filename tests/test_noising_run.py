@@ -100,7 +100,7 @@ def test_gpt2_layout_and_positions(tmp_path, tiny_gpt2, tiny_gpt2_dir):
 def test_covariance_equals_numpy_on_captured_vectors(tmp_path, tiny_llama, tiny_llama_dir):
     cfg = _config(tmp_path, tiny_llama_dir, cov_batches=2, batch_size=3)
     prompts = load_run_prompts(cfg.model_copy(update={"num_prompts": 6}), tiny_llama.tokenizer)
-    estimate = fit_covariance(tiny_llama, cfg, prompts, progress=False)
+    estimate = fit_covariance(tiny_llama, cfg, prompts)
     # Oracle: hidden_states[L] (= resid_pre of block L) of each prompt alone, no padding at all.
     rows = []
     for prompt in prompts:
@@ -117,15 +117,16 @@ def test_covariance_equals_numpy_on_captured_vectors(tmp_path, tiny_llama, tiny_
     # Generation picks the estimate up and records which file it used.
     run_dir = run_generate(cfg.model_copy(update={"num_prompts": 2}), loaded=tiny_llama)
     shaping = yaml.safe_load((run_dir / "config.yaml").read_text())["noise_shaping"]
-    assert shaping == {"shaped": True, "cov_sqrt": str(cov_dir / "cov_sqrt.npy")}
+    assert (shaping["shaped"], shaping["cov_sqrt"]) == (True, str(cov_dir / "cov_sqrt.npy"))
+    assert shaping["estimate"] == json.loads((cov_dir / "estimate.json").read_text())
 
 
 def test_exclude_first_drops_one_token_per_prompt(tmp_path, tiny_llama, tiny_llama_dir):
     cfg = _config(tmp_path, tiny_llama_dir, cov_batches=1, batch_size=3)
     prompts = load_run_prompts(cfg.model_copy(update={"num_prompts": 3}), tiny_llama.tokenizer)
-    every = fit_covariance(tiny_llama, cfg, prompts, progress=False)
+    every = fit_covariance(tiny_llama, cfg, prompts)
     skipped = fit_covariance(tiny_llama, cfg.model_copy(update={"cov_exclude_first": True}),
-                             prompts, progress=False)
+                             prompts)
     assert every.count - skipped.count == 3
     # The dropped rows are exactly the first real token of each prompt.
     ids, mask = left_pad([p.token_ids for p in prompts], tiny_llama.tokenizer.pad_token_id, "cpu")

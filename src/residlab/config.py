@@ -16,7 +16,7 @@ from residlab.options import explain as explain
 __all__ = ["RUN_EXTRAS", "NoisingConfig", "explain", "load_config"]
 
 # Sections a run adds to its config.yaml; ignored when that file is used as a config again.
-RUN_EXTRAS = ("provenance", "noise_shaping")
+RUN_EXTRAS = ("provenance", "noise_shaping", "estimate")
 
 
 class NoisingConfig(CommandOptions):

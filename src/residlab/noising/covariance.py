@@ -3,7 +3,9 @@
 Prompt-only inputs are run through the model in ``cov_batches`` batches of ``batch_size``;
 the activation at the injection site is captured through the interventions engine and fed,
 without pad positions, into a streaming float64 fitter. Results go to
-``<output_dir>/cov/<timestamp>/{cov.npy, cov_sqrt.npy, config.yaml}``.
+``<output_dir>/cov/<timestamp>/{cov.npy, cov_sqrt.npy, mean.npy, estimate.json, config.yaml}``;
+``estimate.json`` says which model, layer and site the estimate describes, so generation only
+shapes noise with an estimate made for its own model, layer and site.
 
     python -m residlab.noising.covariance --config configs/example.yaml
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from residlab.arch import resolve_arch
 from residlab.config import NoisingConfig
@@ -28,9 +28,11 @@ from residlab.errors import UsageError
 from residlab.generation import padded_inputs
 from residlab.hooks import Capture, intervene
 from residlab.models import LoadedModel, load_model
-from residlab.store import write_npy, write_yaml
+from residlab.noising.noise import ESTIMATE_FILE, model_identity
+from residlab.progress import progress as progress_bar
+from residlab.store import write_json, write_npy, write_yaml
 
-__all__ = ["Covariance", "CovarianceFitter", "main", "psd_sqrt", "run_covariance"]
+__all__ = ["Covariance", "CovarianceFitter", "psd_sqrt", "run_covariance"]
 
 
 @dataclass(frozen=True)
@@ -79,45 +81,72 @@ def psd_sqrt(cov: np.ndarray) -> np.ndarray:
 
 
 def fit_covariance(
-    loaded: LoadedModel, cfg: NoisingConfig, prompts: list, *, progress: bool = True
+    loaded: LoadedModel, cfg: NoisingConfig, prompts: list
 ) -> Covariance:
     """Stream the site's activations over ``cov_batches`` batches of prompt-only inputs."""
     arch = resolve_arch(loaded.model, cfg.layers_path)
     fitter = CovarianceFitter(arch.d_model)
     batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     pad = loaded.tokenizer.pad_token_id or 0
-    for batch in tqdm(batches[: cfg.cov_batches], desc="covariance batches", disable=not progress):
+    batches = batches[: cfg.cov_batches]
+    bar = progress_bar(total=sum(map(len, batches)), desc="covariance", unit="prompts")
+    for batch in batches:
         inputs = padded_inputs([p.token_ids for p in batch], pad, loaded.device)
         capture = Capture(cfg.layer_index, cfg.site, positions="all")
-        with torch.inference_mode(), intervene(loaded.model, [capture], arch=arch):
+        with torch.inference_mode(), intervene(loaded.model, [capture], arch=arch,
+                                               prompt_mask=inputs["attention_mask"]):
             loaded.model(**inputs)
+        bar.update(len(batch))
         keep = capture.mask()  # (B, T) real tokens
         if cfg.cov_exclude_first:
             first = keep.int().argmax(dim=1)  # first real token of each row
             keep = keep.clone()
             keep[torch.arange(keep.shape[0]), first] = False
         fitter.update(capture.values()[keep])  # (N, D)
+    bar.close()
     return fitter.result()
 
 
-def _save(cfg: NoisingConfig, loaded: LoadedModel, estimate: Covariance) -> Path:
+def _save(cfg: NoisingConfig, loaded: LoadedModel, estimate: Covariance, layer: int) -> Path:
     """Write everything into a staging dir, then rename it to ``cov/<timestamp>``."""
     parent = Path(cfg.output_dir) / "cov"
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=".staging-"))
     try:
-        return _publish(staging, cfg, loaded, estimate)
+        return _publish(staging, cfg, loaded, estimate, layer)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(staging: Path, cfg: NoisingConfig, loaded: LoadedModel, estimate: Covariance):
+def _estimate_record(
+    cfg: NoisingConfig, loaded: LoadedModel, estimate: Covariance, layer: int,
+) -> dict:
+    """What ``estimate.json`` holds: what the estimate describes (model, normalised layer,
+    site, which tokens) so that generation can refuse an estimate made for something else."""
+    return {
+        "model": model_identity(loaded.provenance),
+        "layer_index": layer,
+        "site": cfg.site,
+        "positions": "prompt",  # every real prompt token of prompt-only inputs
+        "cov_exclude_first": cfg.cov_exclude_first,
+        "d_model": int(estimate.mean.shape[0]),
+        "tokens": estimate.count,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "layers_path": cfg.layers_path,
+    }
+
+
+def _publish(
+    staging: Path, cfg: NoisingConfig, loaded: LoadedModel, estimate: Covariance, layer: int,
+) -> Path:
+    record = _estimate_record(cfg, loaded, estimate, layer)
     write_npy(staging / "cov.npy", estimate.cov)
     write_npy(staging / "cov_sqrt.npy", psd_sqrt(estimate.cov))
     write_npy(staging / "mean.npy", estimate.mean)
+    write_json(staging / ESTIMATE_FILE, record)
     write_yaml(staging / "config.yaml", {
         **cfg.model_dump(), "provenance": {**loaded.provenance, "seed": cfg.seed},
-        "estimate": {"layer_index": cfg.layer_index, "site": cfg.site, "tokens": estimate.count},
+        "estimate": record,
     })
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for attempt in range(1000):
@@ -136,17 +165,13 @@ def run_covariance(cfg: NoisingConfig, *, loaded: LoadedModel | None = None) -> 
 
     loaded = loaded or load_model(cfg.model_name, dtype=cfg.dtype, device=cfg.device,
                                   trust_remote_code=cfg.trust_remote_code)
-    resolve_arch(loaded.model, cfg.layers_path).normalize_layer(cfg.layer_index)
+    layer = resolve_arch(loaded.model, cfg.layers_path).normalize_layer(cfg.layer_index)
     needed = cfg.cov_batches * cfg.batch_size
     prompts = load_run_prompts(cfg.model_copy(update={"num_prompts": needed}), loaded.tokenizer)
-    return _save(cfg, loaded, fit_covariance(loaded, cfg, prompts))
-
-
-def main(argv: list[str] | None = None) -> int:
-    from residlab.cli import main as cli_main
-
-    return cli_main(["noise", "covariance", *(sys.argv[1:] if argv is None else argv)])
+    return _save(cfg, loaded, fit_covariance(loaded, cfg, prompts), layer)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from residlab.cli import run_module
+
+    raise SystemExit(run_module("noise", "covariance"))

@@ -11,26 +11,32 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from residlab.arch import Arch, resolve_arch
 from residlab.config import NoisingConfig
 from residlab.errors import UsageError
-from residlab.generation import generate_ids
+from residlab.generation import effective_generation_settings, generate_ids
 from residlab.hooks import Add
 from residlab.models import LoadedModel, load_model
-from residlab.noising.noise import find_cov_sqrt, load_cov_sqrt, noise_vectors
+from residlab.noising.noise import (
+    EstimateKey,
+    find_cov_sqrt,
+    load_cov_sqrt,
+    model_identity,
+    noise_vectors,
+    read_estimate,
+)
 from residlab.noising.runs import RunDir, WorkRow, plan_shards
+from residlab.progress import progress
 from residlab.prompts import ChatPrompt, iter_conversations, prepare_prompts
 from residlab.store import new_timestamped_dir, read_jsonl, write_jsonl, write_npy, write_yaml
 
-__all__ = ["generate_shard", "load_run_prompts", "main", "run_generate"]
+__all__ = ["generate_shard", "load_run_prompts", "run_generate"]
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +55,37 @@ def load_run_prompts(cfg: NoisingConfig, tokenizer) -> list[ChatPrompt]:
     return prompts
 
 
-def _shaping(cfg: NoisingConfig, d_model: int, cov_sqrt: str | None):
-    """``(cov_sqrt matrix or None, description for config.yaml)``."""
+def _shaping(cfg: NoisingConfig, loaded: LoadedModel, arch: Arch, cov_sqrt: str | None):
+    """``(cov_sqrt matrix or None, description for config.yaml, resolved path or None)``.
+
+    Without an explicit file only an estimate made for this model, layer and site is used.
+    """
     if not cfg.shape_noise:
-        return None, {"shaped": False, "reason": "shape_noise: false"}
-    path = find_cov_sqrt(cfg.output_dir, cov_sqrt or cfg.cov_sqrt_path)
+        return None, {"shaped": False, "reason": "shape_noise: false"}, None
+    want = EstimateKey(model_identity(loaded.provenance),
+                       arch.normalize_layer(cfg.layer_index), cfg.site)
+    path = find_cov_sqrt(cfg.output_dir, cov_sqrt or cfg.cov_sqrt_path, want=want)
     if path is None:
-        return None, {"shaped": False, "reason": f"no cov_sqrt.npy under {cfg.output_dir}"}
-    return load_cov_sqrt(path, d_model), {"shaped": True, "cov_sqrt": str(path)}
+        reason = f"no covariance estimate under {cfg.output_dir}"
+        log.warning("%s: the noise is NOT shaped; run 'residlab noise covariance' with this "
+                    "config first, or set shape_noise: false", reason)
+        return None, {"shaped": False, "reason": reason}, None
+    path = path.absolute()
+    matrix = load_cov_sqrt(path, arch.d_model)
+    return matrix, {"shaped": True, "cov_sqrt": str(path), "estimate": read_estimate(path)}, path
+
+
+def _generation_options(cfg: NoisingConfig) -> dict:
+    """What the config asks of generation (one place, for generating and for provenance)."""
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
+    return {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
+            "generation_defaults": cfg.generation_defaults, **sampling}
+
+
+def _generation_settings(loaded: LoadedModel, cfg: NoisingConfig) -> dict:
+    """The effective generation settings, written into the run's provenance."""
+    return effective_generation_settings(loaded.model, loaded.tokenizer,
+                                         **_generation_options(cfg))
 
 
 def generate_shard(
@@ -71,8 +100,7 @@ def generate_shard(
     add = Add(cfg.layer_index, vectors, site=cfg.site, positions=cfg.positions)
     outputs = generate_ids(
         loaded.model, loaded.tokenizer, [prompts[row.prompt].token_ids for row in rows],
-        max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-        temperature=cfg.temperature, top_p=cfg.top_p, interventions=[add], arch=arch)
+        interventions=[add], arch=arch, **_generation_options(cfg))
     stops = set(loaded.tokenizer.all_special_ids)
     records = []
     for row, out in zip(rows, outputs, strict=True):
@@ -95,15 +123,23 @@ def generate_shard(
 def _start(cfg: NoisingConfig, loaded: LoadedModel, arch: Arch, cov_sqrt: str | None):
     """Check everything, then create the run directory (so bad input writes nothing)."""
     prompts = load_run_prompts(cfg, loaded.tokenizer)
-    matrix, shaping = _shaping(cfg, arch.d_model, cov_sqrt)
+    matrix, shaping, path = _shaping(cfg, loaded, arch, cov_sqrt)
     noises = noise_vectors(cfg.seed, cfg.num_noise_vectors, arch.d_model, matrix)  # (V, D)
     run = RunDir(new_timestamped_dir(cfg.output_dir))
-    write_jsonl(run.prompts_file, [prompt.to_json() for prompt in prompts])
-    for noise_id, vector in enumerate(noises):
-        write_npy(run.noise_file(noise_id), vector)
-    # config.yaml last: its presence marks a run that can be resumed.
-    write_yaml(run.config_file, {**cfg.model_dump(), "noise_shaping": shaping,
-                                 "provenance": {**loaded.provenance, "seed": cfg.seed}})
+    try:
+        write_jsonl(run.prompts_file, [prompt.to_json() for prompt in prompts])
+        for noise_id, vector in enumerate(noises):
+            write_npy(run.noise_file(noise_id), vector)
+        # The resolved file, so this config used again shapes with it after newer estimates.
+        resolved = {"cov_sqrt_path": str(path)} if path is not None else {}
+        provenance = {**loaded.provenance, "seed": cfg.seed,
+                      "generation": _generation_settings(loaded, cfg)}
+        # config.yaml last: its presence marks a run that can be resumed.
+        write_yaml(run.config_file, {**cfg.model_dump(), **resolved, "noise_shaping": shaping,
+                                     "provenance": provenance})
+    except BaseException:  # a full disk or a kill here: leave no run that cannot resume
+        shutil.rmtree(run.path, ignore_errors=True)
+        raise
     log.info("noise shaping: %s", shaping.get("cov_sqrt") or shaping["reason"])
     return run, prompts, noises
 
@@ -130,6 +166,9 @@ def run_generate(
     run = RunDir(Path(resume)).check() if resume else None
     if run is not None:
         cfg = run.read_config()[0]
+        if cov_sqrt:
+            log.warning("--cov-sqrt %s is ignored when resuming: the run keeps the noise bank "
+                        "saved in %s", cov_sqrt, run.path / "noises")
     assert cfg is not None, "pass a config or a run to resume"
     loaded = loaded or load_model(cfg.model_name, dtype=cfg.dtype, device=cfg.device,
                                   trust_remote_code=cfg.trust_remote_code)
@@ -143,22 +182,21 @@ def run_generate(
                          share_zero=not cfg.do_sample)
     todo = [i for i in range(len(shards)) if not run.shard_file(i).is_file()]
     if run.gens_files() and not (run.path / "shards").exists():
-        todo = []  # finished earlier
-    else:
-        for shard in tqdm(todo, desc="noising shards", unit="shard", disable=None):
+        return run.path  # finished earlier
+    total = sum(len(rows) for rows in shards)
+    done = total - sum(len(shards[i]) for i in todo)
+    with progress(total=total, desc="noising", unit="generations", initial=done) as bar:
+        for shard in todo:
             if cfg.do_sample:
                 torch.manual_seed(cfg.seed * 1_000_003 + shard)
             write_jsonl(run.shard_file(shard),
                         generate_shard(loaded, arch, cfg, prompts, noises, shards[shard]))
-        _assemble(run, len(shards), cfg)
+            bar.update(len(shards[shard]))
+    _assemble(run, len(shards), cfg)
     return run.path
 
 
-def main(argv: list[str] | None = None) -> int:
-    from residlab.cli import main as cli_main
-
-    return cli_main(["noise", "generate", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from residlab.cli import run_module
+
+    raise SystemExit(run_module("noise", "generate"))

@@ -2,7 +2,8 @@
 
 ```
 <output_dir>/<timestamp>/
-  config.yaml                      resolved config + provenance (usable again as --config)
+  config.yaml                      resolved config + provenance (usable again as --config);
+                                   cov_sqrt_path is the file the noise was shaped with
   prompts.jsonl                    the templated prompts of this run, in order
   noises/noise_XXXX.npy            unit vectors (covariance-shaped when shaping is on)
   shards/shard_XXXXX.jsonl         finished work units while the run is in progress
