@@ -124,7 +124,15 @@ CASES = [
     Case("missing model", lambda c: c.noise(model_name=str(c.root / "no-model")),
          "model folder"),
     Case("empty prompt file", lambda c: c.noise(dataset_path=c.file("empty.jsonl", "")),
-         "no prompts"),
+         "holds no conversations"),
+    Case("no prompt fits", lambda c: c.noise(max_prompt_len=2),
+         "fits max_prompt_len=2 tokens"),
+    Case("config not UTF-8", lambda c: ["noise", "generate", "--config",
+                                        c.file("latin1.yaml", "seed: 1 # caf\xe9\n".encode(
+                                            "latin-1"))], "is not UTF-8 text"),
+    Case("run stopped before its config", lambda c: (c.file("stopped/prompts.jsonl", ""), [
+        "noise", "generate", "--resume", str(c.root / "stopped")])[1],
+         "stopped before it wrote config.yaml"),
     Case("malformed prompt file", lambda c: c.noise(dataset_path=c.file(
         "bad.jsonl", '{"conversation": [{"role": "user", "content": "hi"}]}\n{"conver\n')),
          "bad.jsonl:2"),

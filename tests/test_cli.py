@@ -74,7 +74,7 @@ def test_seed_module_invocation(write_config, tmp_path):
         ({"noise_norms": [float("nan")]}, "must be a finite number >= 0"),
         ({"noise_norm": float("inf"), "noise_norms": None}, "must be a finite number >= 0"),
         ({"noise_norms": None}, "set noise_norms"),
-        ({"max_prompt_len": 2}, "no prompts left after filtering"),
+        ({"max_prompt_len": 2}, "no prompts left"),
         ({"dataset_path": "/nonexistent/prompts.jsonl"}, "not found"),
         ({"model_name": "/nonexistent/model-dir-or-id"}, "model folder"),
         ({"dtype": "int3"}, "'dtype'"),

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from residlab.errors import UsageError
 from residlab.options import CommandOptions, DType, validate
 from residlab.options import explain as explain
+from residlab.textfiles import read_user_text
 
 __all__ = ["RUN_EXTRAS", "NoisingConfig", "explain", "load_config"]
 
@@ -101,7 +102,7 @@ def load_config(
         if not path.is_file():
             raise UsageError(f"config file {str(path)!r} not found; pass --config path/to.yaml")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(read_user_text(path, "config file"))
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             line = f" at line {mark.line + 1}" if mark else ""

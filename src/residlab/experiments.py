@@ -23,6 +23,7 @@ from residlab.config import explain
 from residlab.errors import NotFound, UsageError
 from residlab.options import DType
 from residlab.store import write_text
+from residlab.textfiles import read_user_text
 
 __all__ = [
     "Experiment",
@@ -117,7 +118,7 @@ def load_experiment(name: str, root: str | Path | None = None) -> Experiment:
         raise NotFound(f"experiment {name!r} not found under {root}/ (experiments: "
                           f"{listing}); create one with 'residlab experiment init {name}'")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_user_text(path, "experiment config")) or {}
     except yaml.YAMLError:
         raise UsageError(f"{path} is not valid YAML") from None
     if not isinstance(data, dict):

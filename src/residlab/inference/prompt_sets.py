@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from residlab.errors import NotFound, UsageError
+from residlab.textfiles import read_user_text
 
 __all__ = ["PromptItem", "available_prompt_sets", "find_prompt_set", "load_prompt_set"]
 
@@ -59,7 +60,7 @@ def load_prompt_set(name: str) -> list[PromptItem]:
     """Read and check a prompt set; a malformed file names itself and the reason."""
     path = find_prompt_set(name)
     try:
-        data = json.loads(path.read_text("utf-8"))
+        data = json.loads(read_user_text(path, "prompt set"))
     except json.JSONDecodeError as error:
         raise UsageError(f"{path}: not valid JSON (line {error.lineno}: {error.msg})") from None
     if not isinstance(data, list):

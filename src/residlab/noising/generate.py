@@ -42,17 +42,30 @@ log = logging.getLogger(__name__)
 
 
 def load_run_prompts(cfg: NoisingConfig, tokenizer) -> list[ChatPrompt]:
-    """The config's prompts, templated and filtered; an error if none are left."""
-    conversations = iter_conversations(
-        dataset_name=cfg.dataset_name, dataset_path=cfg.dataset_path,
-        dataset_split=cfg.dataset_split, shuffle=cfg.shuffle, seed=cfg.seed)
-    prompts = prepare_prompts(tokenizer, conversations, num_prompts=cfg.num_prompts,
+    """The config's prompts, templated and filtered; an error that says why if none are left
+    (an empty source and a too-strict length filter need different fixes)."""
+    seen = 0
+
+    def counted():
+        nonlocal seen
+        for item in iter_conversations(
+                dataset_name=cfg.dataset_name, dataset_path=cfg.dataset_path,
+                dataset_split=cfg.dataset_split, shuffle=cfg.shuffle, seed=cfg.seed):
+            seen += 1
+            yield item
+
+    prompts = prepare_prompts(tokenizer, counted(), num_prompts=cfg.num_prompts,
                               max_prompt_len=cfg.max_prompt_len, system_prompt=cfg.system_prompt)
-    if not prompts:
-        raise UsageError(
-            f"no prompts left after filtering to max_prompt_len={cfg.max_prompt_len} tokens; "
-            "raise max_prompt_len or use a dataset with shorter user turns")
-    return prompts
+    if prompts:
+        return prompts
+    source = cfg.dataset_path or cfg.dataset_name or "the built-in prompts"
+    if seen == 0:
+        raise UsageError(f"no prompts: {source} holds no conversations; point dataset_path at "
+                         "a file with one {\"conversation\": [...]} per line")
+    raise UsageError(
+        f"no prompts left: none of the {seen} conversations in {source} has a user turn that "
+        f"fits max_prompt_len={cfg.max_prompt_len} tokens; raise max_prompt_len or use "
+        "shorter prompts")
 
 
 def _shaping(cfg: NoisingConfig, loaded: LoadedModel, arch: Arch, cov_sqrt: str | None):

@@ -91,6 +91,10 @@ class RunDir:
         """Raise unless this looks like a noising run directory."""
         if not self.path.is_dir():
             raise UsageError(f"run directory {str(self.path)!r} does not exist")
+        if self.prompts_file.is_file() and not self.config_file.is_file():
+            raise UsageError(
+                f"{str(self.path)!r} is a run that was stopped before it wrote config.yaml, "
+                "so it cannot be resumed; delete the folder and start the run again")
         if not self.config_file.is_file() or not self.prompts_file.is_file():
             raise UsageError(
                 f"{str(self.path)!r} is not a noising run directory (no config.yaml / "
