@@ -2,19 +2,45 @@
 
 Shared by every stage that generates text (noising sweeps, responses, steering): it takes
 token ids rather than strings, so callers control templating and nothing is re-tokenised.
+
+Generation settings are ours: transformers fills every field left unset in the config passed
+to ``generate`` from the checkpoint's ``generation_config.json`` (repetition penalties, n-gram
+bans, ``min_p``, cache and prefill settings, ...). With ``generation_defaults="plain"`` nothing
+from the checkpoint leaks in except its end-of-turn ids; ``"model"`` starts from the checkpoint's
+settings on purpose. :func:`effective_generation_settings` says exactly what is used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
-from residlab.arch import Arch
+from residlab.arch import Arch, unwrap_model
+from residlab.errors import UsageError
 from residlab.hooks import Intervention, intervene
 
-__all__ = ["Generated", "generate_ids", "left_pad", "padded_inputs", "stop_token_ids"]
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
+
+__all__ = [
+    "GENERATION_DEFAULTS",
+    "GenerationDefaults",
+    "Generated",
+    "effective_generation_settings",
+    "generate_ids",
+    "left_pad",
+    "padded_inputs",
+    "stop_token_ids",
+]
+
+GenerationDefaults = Literal["plain", "model"]
+GENERATION_DEFAULTS: tuple[str, ...] = get_args(GenerationDefaults)
 
 
 @dataclass(frozen=True)
@@ -63,29 +89,115 @@ def _pad_id(tokenizer, stops: list[int]) -> int:
     return stops[0] if stops else 0
 
 
+def _generation_config(
+    model,
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    do_sample: bool | None,
+    temperature: float | None,
+    top_p: float | None,
+    generation_defaults: str,
+) -> GenerationConfig:
+    """The one ``GenerationConfig`` that :func:`generate_ids` runs with.
+
+    ``None`` means "not asked": transformers' plain default under ``"plain"``, the checkpoint's
+    value under ``"model"``. Stop ids always include the checkpoint's eos ids (on purpose).
+    """
+    from transformers import GenerationConfig
+
+    if generation_defaults not in GENERATION_DEFAULTS:
+        raise UsageError(f"unknown generation_defaults {generation_defaults!r}; choose one of "
+                         f"{', '.join(GENERATION_DEFAULTS)}")
+    stops = stop_token_ids(model, tokenizer)
+    if generation_defaults == "plain":
+        config = GenerationConfig()
+        sampling = bool(do_sample)
+    else:
+        config = copy.deepcopy(unwrap_model(model).generation_config)
+        sampling = bool(config.do_sample) if do_sample is None else do_sample
+    ours: dict[str, Any] = {"max_new_tokens": max_new_tokens, "max_length": None,
+                            "do_sample": sampling, "pad_token_id": _pad_id(tokenizer, stops),
+                            "eos_token_id": stops or None}
+    if sampling:
+        asked = {"temperature": temperature, "top_p": top_p}
+        ours.update({key: value for key, value in asked.items() if value is not None})
+        if generation_defaults == "plain":
+            ours["top_k"] = 0  # sample from the whole (top-p) distribution, not the top 50
+    config.update(**ours)  # validates; warnings only about what we set
+    return config
+
+
+def _settings(config: GenerationConfig, generation_defaults: str) -> dict[str, Any]:
+    """Every field of ``config`` that is set (``None`` = transformers' global default)."""
+    full = json.loads(config.to_json_string(use_diff=False, ignore_metadata=True))
+    return {"generation_defaults": generation_defaults,
+            **{key: value for key, value in sorted(full.items()) if value is not None}}
+
+
+def effective_generation_settings(
+    model,
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    generation_defaults: GenerationDefaults = "plain",
+) -> dict[str, Any]:
+    """The generation settings :func:`generate_ids` uses for these arguments, as a JSON-able
+    dict for provenance: every field that is set, plus ``generation_defaults``. Fields absent
+    from it take transformers' global defaults."""
+    config = _generation_config(
+        model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, generation_defaults=generation_defaults)
+    return _settings(config, generation_defaults)
+
+
+@contextmanager
+def _checkpoint_defaults_replaced(model, config: GenerationConfig) -> Iterator[None]:
+    """Make ``config`` the model's own generation config while ``generate`` runs.
+
+    ``generate`` fills every unset field of the config it is given from
+    ``model.generation_config``; pointing that at the very same config makes the fill a no-op,
+    so nothing the checkpoint sets can leak in. Not thread-safe (neither are hooks).
+    """
+    lm = unwrap_model(model)
+    saved = lm.generation_config
+    lm.generation_config = config
+    try:
+        yield
+    finally:
+        lm.generation_config = saved
+
+
 def generate_ids(
     model,
     tokenizer,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
     interventions: Sequence[Intervention] = (),
     arch: Arch | None = None,
+    generation_defaults: GenerationDefaults = "plain",
 ) -> list[Generated]:
-    """Generate for a batch of prompt id lists with ``interventions`` applied."""
-    from transformers import GenerationConfig
+    """Generate for a batch of prompt id lists with ``interventions`` applied.
 
-    stops = stop_token_ids(model, tokenizer)
-    pad_id = _pad_id(tokenizer, stops)
+    Greedy unless ``do_sample``. Under ``generation_defaults="plain"`` (the default) only these
+    arguments and the checkpoint's stop ids shape the decoding; under ``"model"`` the
+    checkpoint's ``generation_config.json`` applies, overridden by the arguments given.
+    """
+    config = _generation_config(
+        model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, generation_defaults=generation_defaults)
+    stops = list(config.eos_token_id or [])
     device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)  # (B, P)
-    sampling = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                              pad_token_id=pad_id, eos_token_id=stops or None, **sampling)
-    with torch.inference_mode(), intervene(model, interventions, arch=arch):
+    input_ids, attention_mask = left_pad(prompts, config.pad_token_id, device)  # (B, P)
+    with (torch.inference_mode(), _checkpoint_defaults_replaced(model, config),
+          intervene(model, interventions, arch=arch, prompt_mask=attention_mask)):
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                 generation_config=config)  # (B, P + new)
     new_tokens = output[:, input_ids.shape[1]:].tolist()

@@ -7,11 +7,16 @@ always removes them when its ``with`` block ends, also on exceptions::
     with intervene(model, [Add(6, vectors), Capture(6, "resid_post")]) as handle:
         model.generate(...)
 
-Positions are classified per forward call from the 2-D attention mask that the model body
-receives (pad = mask 0) and from how many tokens are already in the KV cache, never from
-indices inside the current chunk: the first cache-less forward is the prompt, every later
-chunk under ``generate`` is generated tokens. Pad positions are never modified or selected.
-Hooks return new tensors and leave the model's own outputs untouched.
+Positions are never taken from indices inside the current forward chunk (they shift under the
+KV cache). The caller hands over the padded prompt layout, ``prompt_mask`` ``(B, P)``; each
+chunk's absolute positions come from how many tokens precede it (the 2-D attention mask's
+length, else the cache length), so absolute ``t < P`` is prompt (a real token where
+``prompt_mask[:, t]``) and ``t >= P`` generated. This holds under chunked prefill,
+``use_cache=False`` re-runs and bodies that receive 4-D or per-layer-type masks (Gemma3
+multimodal). Without ``prompt_mask`` pads come from a 2-D mask at the body (no mask: no pads)
+and the first forward starting at position 0 is the prompt; where that cannot be told, the
+hooks raise instead of guessing. Pad positions are never modified or selected. Hooks return
+new tensors and leave the model's own outputs untouched.
 """
 
 from __future__ import annotations
@@ -94,40 +99,111 @@ Intervention = Add | Capture
 class _ForwardState:
     """Which positions of the current forward chunk are real, prompt or generated."""
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_mask: torch.Tensor | None = None) -> None:
         self.valid: torch.Tensor | None = None  # (B, T) bool, False on pads
         self.absolute: torch.Tensor | None = None  # (T,) position of each chunk token
-        self.prompt_len = 0
+        self.prompt_len: int | None = None
+        self.layout: torch.Tensor | None = None  # (B, P + 1): prompt_mask, then True (generated)
+        self.unknown_pads = ""  # why pads cannot be told (no prompt_mask)
+        self.unknown_prompt = "no forward has started at position 0"  # same for prompt length
+        self.started = False
+        self._chosen: dict[str, torch.Tensor] = {}  # per forward: positions -> (B, T) bool
+        if prompt_mask is not None:
+            if prompt_mask.dim() != 2:
+                raise UsageError(f"prompt_mask has shape {tuple(prompt_mask.shape)}; pass the "
+                                 "(batch, prompt_len) 0/1 attention mask of the padded prompts")
+            mask = prompt_mask.bool()
+            self.layout = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            self.prompt_len = mask.shape[1]
 
     def update(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"]
         batch, length = tokens.shape[:2]
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            past = mask.shape[1] - length
-            valid = mask[:, past:].bool()
+        mask, cache = kwargs.get("attention_mask"), kwargs.get("past_key_values")
+        flat = isinstance(mask, torch.Tensor) and mask.dim() == 2
+        # Tokens before this chunk: int, or a 0-d device tensor for static caches (no sync).
+        past = mask.shape[1] - length if flat else (
+            cache.get_seq_length() if cache is not None else 0)
+        self._chosen = {}
+        if isinstance(past, int):
+            self.absolute = torch.arange(past, past + length, device=tokens.device)  # (T,)
         else:
-            cache = kwargs.get("past_key_values")
-            past = cache.get_seq_length() if cache is not None else 0
-            valid = torch.ones(batch, length, dtype=torch.bool, device=tokens.device)
-        if past == 0:
-            self.prompt_len = length
-        self.valid = valid  # (B, T)
-        self.absolute = torch.arange(past, past + length, device=valid.device)  # (T,)
+            self.absolute = torch.arange(length, device=tokens.device) + past  # (T,)
+        if self.layout is not None:
+            self.valid = self._from_layout(batch, past, length, tokens.device)
+        else:
+            self.valid = self._guess_pads(mask, batch, length, tokens.device)
+            self._guess_prompt(past, length, fresh=cache is not None or not self.started)
+        self.started = True
+
+    def _from_layout(self, batch: int, past: int | torch.Tensor, length: int,
+                     device: torch.device) -> torch.Tensor:
+        """``(B, T)`` real positions of the chunk; views of the layout where possible."""
+        layout, prompt_len = self.layout, self.prompt_len
+        assert layout is not None and prompt_len is not None and self.absolute is not None
+        if layout.shape[0] != batch:
+            raise UsageError(f"prompt_mask has {layout.shape[0]} rows but the model ran "
+                             f"{batch}; pass the attention mask of the batch being run")
+        if layout.device != device:
+            layout = self.layout = layout.to(device)
+        if isinstance(past, int) and past + length <= prompt_len:
+            return layout[:, past:past + length]  # inside the prompt
+        if isinstance(past, int) and past >= prompt_len:
+            return layout[:, prompt_len:].expand(-1, length)  # generated tokens only
+        return layout[:, self.absolute.clamp(max=prompt_len)]
+
+    def _guess_pads(self, mask: Any, batch: int, length: int, device) -> torch.Tensor | None:
+        """Without a prompt layout: a 2-D mask says where pads are, no mask means none."""
+        if mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=device)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            return mask[:, mask.shape[1] - length:].bool()  # (B, T)
+        kind = "a dict of" if isinstance(mask, dict) else f"a {mask.dim()}-D"
+        self.unknown_pads = f"the model body received {kind} attention mask"
+        return None
+
+    def _guess_prompt(self, past: int | torch.Tensor, length: int, *, fresh: bool) -> None:
+        """Without a prompt layout: the forward that starts a sequence is the prompt, later
+        single-token forwards are generated; anything else is ambiguous."""
+        if not isinstance(past, int):
+            self._unknown_prompt("the KV cache is a static cache")
+        elif past == 0 and fresh:
+            self.prompt_len, self.unknown_prompt = length, ""
+        elif past == 0:
+            self._unknown_prompt("several cache-less forwards started at position 0 "
+                                 "(use_cache=False re-runs, or separate batches)")
+        elif length > 1:
+            self._unknown_prompt("a forward continued the sequence with several tokens "
+                                 "(chunked prefill?)")
+
+    def _unknown_prompt(self, reason: str) -> None:
+        self.prompt_len, self.unknown_prompt = None, reason
 
     def select(self, positions: str, device: torch.device) -> torch.Tensor:
-        """``(B, T)`` bool mask of the positions an intervention applies to."""
-        if self.valid is None or self.absolute is None:
-            raise RuntimeError("intervention hook ran before the model body's forward")
-        if positions == "all":
-            chosen = self.valid
-        elif positions == "prompt":
-            chosen = self.valid & (self.absolute < self.prompt_len)[None, :]
-        else:
-            chosen = self.valid & (self.absolute >= self.prompt_len)[None, :]
+        """``(B, T)`` bool mask of the positions an intervention applies to (computed once
+        per forward, shared by every hook)."""
+        chosen = self._chosen.get(positions)
+        if chosen is None:
+            chosen = self._chosen[positions] = self._choose(positions)
         return chosen.to(device, non_blocking=True)
+
+    def _choose(self, positions: str) -> torch.Tensor:
+        if self.absolute is None:
+            raise RuntimeError("intervention hook ran before the model body's forward")
+        if self.valid is None:
+            raise RuntimeError(f"cannot tell pads from real tokens: {self.unknown_pads}; pass "
+                               "prompt_mask=<attention mask of the prompts> to intervene()")
+        if positions == "all":
+            return self.valid
+        if self.prompt_len is None:
+            raise RuntimeError(
+                f"cannot tell prompt from generated positions: {self.unknown_prompt}; pass "
+                "prompt_mask=<attention mask of the prompts> to intervene()")
+        if positions == "prompt":
+            return self.valid & (self.absolute < self.prompt_len)[None, :]  # (B, T)
+        return self.valid & (self.absolute >= self.prompt_len)[None, :]
 
 
 def _split(output: Any) -> tuple[torch.Tensor, Any]:
@@ -214,18 +290,24 @@ def _check(arch: Arch, intervention: Intervention) -> None:
 
 
 def apply_interventions(
-    model: nn.Module, interventions: Sequence[Intervention], *, arch: Arch | None = None
+    model: nn.Module,
+    interventions: Sequence[Intervention],
+    *,
+    arch: Arch | None = None,
+    prompt_mask: torch.Tensor | None = None,
 ) -> InterventionHandle:
     """Register hooks for ``interventions`` (in order) and return a handle to remove them.
 
-    Prefer :func:`intervene`, which removes them for you.
+    ``prompt_mask`` ``(B, P)`` is the 0/1 attention mask of the left-padded prompt batch: with
+    it, pads and prompt/generated positions are known whatever the body receives. Prefer
+    :func:`intervene`, which removes the hooks for you.
     """
     if not interventions:
         return InterventionHandle([], [])
     arch = arch or resolve_arch(model)
     for intervention in interventions:
         _check(arch, intervention)
-    state = _ForwardState()
+    state = _ForwardState(prompt_mask)
     handles = [arch.body.register_forward_pre_hook(
         lambda mod, args, kwargs: state.update(mod, args, kwargs), with_kwargs=True
     )]
@@ -241,10 +323,18 @@ def apply_interventions(
 
 @contextmanager
 def intervene(
-    model: nn.Module, interventions: Sequence[Intervention], *, arch: Arch | None = None
+    model: nn.Module,
+    interventions: Sequence[Intervention],
+    *,
+    arch: Arch | None = None,
+    prompt_mask: torch.Tensor | None = None,
 ) -> Iterator[InterventionHandle]:
-    """Apply ``interventions`` inside a ``with`` block; hooks are removed on exit or error."""
-    handle = apply_interventions(model, interventions, arch=arch)
+    """Apply ``interventions`` inside a ``with`` block; hooks are removed on exit or error.
+
+    Pass ``prompt_mask`` (the prompts' ``(B, P)`` attention mask) whenever you have it; see
+    :func:`apply_interventions`.
+    """
+    handle = apply_interventions(model, interventions, arch=arch, prompt_mask=prompt_mask)
     try:
         yield handle
     finally:
