@@ -45,7 +45,7 @@ def hook_overhead(loaded, prompts, *, batch: int, new_tokens: int, repeats: int)
         start = time.perf_counter()
         for input_ids, mask in batches:
             interventions = [Add(10, vector)] if hooked else []
-            with torch.inference_mode(), intervene(model, interventions):
+            with torch.inference_mode(), intervene(model, interventions, prompt_mask=mask):
                 model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
         return sum(len(ids) for ids, _ in batches) * new_tokens / (time.perf_counter() - start)
 
