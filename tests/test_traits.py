@@ -244,10 +244,11 @@ def test_pipeline_extract_steer_calibrate_project(experiment, fake_endpoint, cap
     assert main([*steer, "--judge-url", "http://127.0.0.1:9/v1"]) == 2
     err = capsys.readouterr().err
     assert "cannot be reached" in err and "--rescore" in err
-    answers = experiment.path / "steering" / "test" / "cheer" / "base" / "answers.jsonl"
+    steering = experiment.path / "steering" / "test" / "cheer" / "base"
+    (answers,) = (steering / "answers").glob("*.jsonl")
     assert len(answers.read_text().splitlines()) == 2 * 3
     assert main([*steer, "--judge-url", fake_endpoint, "--rescore"]) == 0
-    results = [json.loads(x) for x in (answers.parent / "results.jsonl").read_text().splitlines()]
+    results = [json.loads(x) for x in (steering / "results.jsonl").read_text().splitlines()]
     assert {r["trait_score"] for r in results} == {73.0}
     assert {r["coherence_score"] for r in results} == {88.0}
     # Projection needs calibration unless told otherwise.
@@ -300,7 +301,7 @@ def test_trait_bad_inputs(experiment, tmp_path, capsys):
     assert "no mean_diff vector for test/cheer at layer 2" in capsys.readouterr().err
     assert main(["steer", "--experiment", "t", "--trait", "test/cheer", "--layers", "2",
                  "--coefficients", "4,x"]) == 2
-    assert "--coefficients '4,x': give comma-separated numbers" in capsys.readouterr().err
+    assert "--coefficients" in (err := capsys.readouterr().err) and "'x'" in err
     assert main(["steer", "--experiment", "t", "--trait", "test/cheer"]) == 2
     assert "give --layers" in capsys.readouterr().err
     _store(experiment, 1, 1.0, d=10)  # a vector made for another model

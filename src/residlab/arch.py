@@ -24,7 +24,8 @@ from torch import nn
 
 from residlab.errors import UsageError
 
-__all__ = ["SITES", "Arch", "Layout", "LAYOUTS", "Site", "resolve_arch", "unwrap_model"]
+__all__ = ["SITES", "Arch", "Layout", "LAYOUTS", "Site", "normalize_layer", "resolve_arch",
+           "unwrap_model"]
 
 Site = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
 SITES: tuple[str, ...] = get_args(Site)
@@ -64,6 +65,17 @@ LAYOUTS: dict[str, Layout] = {
     "gpt2": Layout("transformer", "h", "ln_f", "attn", "mlp"),
     "gpt_neox": Layout("gpt_neox", "layers", "final_layer_norm", "attention", "mlp"),
 }
+
+
+def normalize_layer(layer: int, n_layers: int, family: str = "transformer") -> int:
+    """The one place a layer request becomes an index in ``[0, n_layers)``: ``-1`` is the last
+    layer; out of range is an error that says the valid range (never a silent snap)."""
+    if not -n_layers <= layer < n_layers:
+        raise UsageError(
+            f"layer {layer} is out of range for this {family} model with {n_layers} layers; "
+            f"use 0..{n_layers - 1} (or -{n_layers}..-1 counting from the end)"
+        )
+    return layer % n_layers
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -108,13 +120,7 @@ class Arch:
 
     def normalize_layer(self, layer: int) -> int:
         """Map a possibly negative layer index into ``[0, n_layers)`` or raise."""
-        n = self.n_layers
-        if not -n <= layer < n:
-            raise UsageError(
-                f"layer {layer} is out of range for this {self.family} model with {n} layers; "
-                f"use 0..{n - 1} (or -{n}..-1 counting from the end)"
-            )
-        return layer % n
+        return normalize_layer(layer, self.n_layers, self.family)
 
     def site_module(self, layer: int, site: str) -> nn.Module:
         """Module whose input (resid_pre) or output (other sites) is the site's activation."""

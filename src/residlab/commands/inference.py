@@ -141,15 +141,14 @@ def run_responses(options: ResponsesOptions) -> None:
     if not options.from_responses:
         loaded = load_variant(experiment, options.model_variant,
                               load_in_8bit=options.load_in_8bit, load_in_4bit=options.load_in_4bit)
-    interventions, tags = [], []
+    steering = []
     if specs:
-        from residlab.traits.steer import steering_interventions
+        from residlab.traits.steer import resolve_steering
 
-        interventions = steering_interventions(experiment, loaded, specs)
-        tags = [f"steer:{t}:{layer}:{c:g}" for t, layer, c in specs]
+        steering = resolve_steering(experiment, loaded, specs)
     written = generate_responses(
         experiment, options.prompt_set, variant=options.model_variant,
-        interventions=interventions, tags=tags, max_new_tokens=options.max_new_tokens,
+        steering=steering, max_new_tokens=options.max_new_tokens,
         temperature=options.temperature, prefill=options.prefill,
         from_responses=options.from_responses, skip_existing=options.skip_existing,
         limit=options.limit, output_suffix=options.output_suffix,

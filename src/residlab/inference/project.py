@@ -12,7 +12,6 @@ Each file is read once for all traits, and only the tensors needed are read.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
 from residlab.inference.calibrate import calibration_path
-from residlab.inference.raw import read_parts
+from residlab.inference.raw import Contents, contents, read_parts
 from residlab.store import write_json
 from residlab.traits.select import Choice, select_vectors
 
@@ -89,9 +88,28 @@ def _calibration(experiment: Experiment, variant: str, use: bool) -> dict | None
     return orjson.loads(path.read_bytes())  # large (per-layer means): the fast parser
 
 
-def _captured_layers(raw_dir: Path) -> list[int] | None:
-    provenance = raw_dir / "_provenance.json"
-    return json.loads(provenance.read_text()).get("layers") if provenance.is_file() else None
+def _holdings(files: Sequence[Path]) -> list[Contents]:
+    """What each capture holds, from headers only (legacy ``.pt`` files are loaded)."""
+    held = []
+    for path in files:
+        found = contents(path)
+        if found is None:
+            raise UsageError(f"{path} is corrupted or truncated; rerun capture with "
+                             "--skip-existing to redo it")
+        held.append(found)
+    return held
+
+
+def _model_layers(held: Sequence[Contents]) -> int | None:
+    """The model's layer count as the captures record it (``None``: unknown or mixed)."""
+    counts = {h.n_layers for h in held}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _captured_layers(held: Sequence[Contents], component: str) -> list[int]:
+    """Layers at which every capture holds ``component``."""
+    per_file = [{layer for layer, comp in h.pairs if comp == component} for h in held]
+    return sorted(set.intersection(*per_file)) if per_file else []
 
 
 def _choose(experiment, traits, variant, extraction_variant, captured, options) -> dict:
@@ -101,10 +119,61 @@ def _choose(experiment, traits, variant, extraction_variant, captured, options) 
                                    layer=options["layer"], method=options["method"],
                                    position=options["position"],
                                    component=options["component"], available_layers=captured,
-                                   steer_variant=variant)
+                                   steer_variant=variant, n_layers=options["n_layers"])
         log.info("%s: %s", trait, choice.reason)
         choices[trait] = choice
     return choices
+
+
+def _plan(experiment, variant, prompt_set, files, choices, skip_existing) -> list[tuple]:
+    """Per capture file: ``{layer: [traits]}`` still to project (empty files are dropped)."""
+    plan = []
+    for path in files:
+        by_layer: dict[int, list[str]] = {}
+        for trait, choice in choices.items():
+            target = projection_dir(experiment, variant, trait, prompt_set) / f"{path.stem}.json"
+            if not (skip_existing and target.is_file()):
+                by_layer.setdefault(choice.vector.layer, []).append(trait)
+        if by_layer:
+            plan.append((path, by_layer))
+    return plan
+
+
+def _check_captures(plan, held: dict[Path, Contents], component: str, command: str) -> None:
+    """Every file must hold every (layer, component) it will be projected at: else nothing is
+    written and the message names the file and the capture that would provide it."""
+    for path, by_layer in plan:
+        have = held[path]
+        for layer in sorted(by_layer):
+            if (layer, component) in have.pairs:
+                continue
+            wanted = sorted(set(have.layers) | set(by_layer))
+            mlp = " --capture-mlp" if component == "mlp_contribution" else ""
+            raise UsageError(
+                f"{path} holds no {component} at layer {layer} (it holds layers "
+                f"{have.layers or 'none'} of {', '.join(have.components) or 'nothing'}); "
+                f"capture it with '{command} --layers {','.join(map(str, wanted))}{mlp}' "
+                "or project another layer with --layer")
+
+
+def _check_sizes_and_calibration(plan, choices: dict[str, Choice], calib: dict | None,
+                                 component: str) -> None:
+    """Before any file is written: the calibration covers every layer projected at, and the
+    vectors have the captures' hidden size (read from one tensor of the first file)."""
+    layers = sorted({layer for _, by_layer in plan for layer in by_layer})
+    missing = [layer for layer in layers if calib and str(layer) not in calib["layers"]]
+    if missing:
+        raise UsageError(f"the calibration has no layer(s) {missing}; rerun 'residlab "
+                         "calibrate' for this variant or pass --no-calibration")
+    if not plan:
+        return
+    path, by_layer = plan[0]
+    hidden = next(iter(read_parts(path, next(iter(by_layer)), component)[1].values()))
+    for trait, choice in choices.items():
+        size = choice.vector.vector.shape[0]
+        if size != hidden.shape[-1]:
+            raise UsageError(f"the {trait} vector has size {size} but {path} has "
+                             f"{hidden.shape[-1]}; use vectors extracted with this model")
 
 
 def project_prompt_set(
@@ -114,7 +183,10 @@ def project_prompt_set(
     extraction_variant: str | None = None, skip_existing: bool = False,
     calibration: bool = True, centered: bool = False, clean_massive_dims: bool = False,
 ) -> list[Path]:
-    """Write projection JSONs for every captured prompt; returns the files written."""
+    """Write projection JSONs for every captured prompt; returns the files written.
+
+    ``layer`` may count from the end (``-1``) when the captures record the model's layer
+    count. Nothing is written unless every capture holds the chosen layers and component."""
     variant_name, _ = experiment.variant(variant)
     source, _ = experiment.variant(extraction_variant, role="extraction")
     raw_dir = experiment.raw_dir(variant_name, prompt_set)
@@ -126,35 +198,48 @@ def project_prompt_set(
     if not traits:
         raise NotFound(f"no extracted trait vectors for variant {source}; run 'residlab "
                           "extract' first")
+    held = _holdings(files)
     calib = _calibration(experiment, variant_name, calibration or clean_massive_dims)
-    options = {"layer": layer, "method": method, "position": position, "component": component}
-    choices = _choose(experiment, traits, variant_name, source, _captured_layers(raw_dir),
-                      options)
+    options = {"layer": layer, "method": method, "position": position, "component": component,
+               "n_layers": _model_layers(held)}
+    choices = _choose(experiment, traits, variant_name, source,
+                      _captured_layers(held, component), options)
+    plan = _plan(experiment, variant_name, prompt_set, files, choices, skip_existing)
+    _check_captures(plan, dict(zip(files, held, strict=True)), component,
+                    f"residlab capture --experiment {experiment.name} --prompt-set "
+                    f"{prompt_set} --model-variant {variant_name}")
+    _check_sizes_and_calibration(plan, choices, calib, component)
+    settings = {"calib": calib, "centered": centered, "clean": clean_massive_dims,
+                "component": component}
     written = []
-    for path in tqdm(files, desc="projecting", unit="file", disable=None):
-        todo = {t: c for t, c in choices.items() if not (
-            skip_existing and (projection_dir(experiment, variant_name, t, prompt_set)
-                               / f"{path.stem}.json").is_file())}
-        by_layer: dict[int, list[str]] = {}
-        for trait, choice in todo.items():
-            by_layer.setdefault(choice.vector.layer, []).append(trait)
-        for layer_index, names in by_layer.items():
-            parts = read_parts(path, layer_index, component)[1]
-            massive = calib["layers"][str(layer_index)]["dims"] if calib else []
-            units = torch.stack([choices[t].vector.unit for t in names])  # (t, d)
-            for hidden in parts.values():
-                if hidden.shape[-1] != units.shape[1]:
-                    raise UsageError(f"the vectors have size {units.shape[1]} but {path} has "
-                                     f"{hidden.shape[-1]}; use vectors of this model")
-            baselines = [float(choices[t].vector.stats.get("baseline", 0.0)) if centered
-                         else 0.0 for t in names]
-            projected = {part: project_many(hidden, units, baselines, massive)
-                         for part, hidden in parts.items()}
-            for i, trait in enumerate(names):
-                results = {part: values[i] for part, values in projected.items()}
-                written.append(_write(experiment, variant_name, prompt_set, path.stem, trait,
-                                      choices[trait], results, massive, baselines[i],
-                                      centered, clean_massive_dims))
+    for path, by_layer in tqdm(plan, desc="projecting", unit="file", disable=None):
+        written += _project_file(experiment, variant_name, prompt_set, path, by_layer, choices,
+                                 settings)
+    return written
+
+
+def _project_file(experiment, variant, prompt_set, path: Path, by_layer: dict[int, list[str]],
+                  choices: dict[str, Choice], settings: dict) -> list[Path]:
+    """One capture file: each layer's tensors are read once, for all its traits."""
+    calib, centered = settings["calib"], settings["centered"]
+    written = []
+    for layer_index, names in by_layer.items():
+        parts = read_parts(path, layer_index, settings["component"])[1]
+        massive = calib["layers"][str(layer_index)]["dims"] if calib else []
+        units = torch.stack([choices[t].vector.unit for t in names])  # (t, d)
+        for hidden in parts.values():
+            if hidden.shape[-1] != units.shape[1]:
+                raise UsageError(f"the vectors have size {units.shape[1]} but {path} has "
+                                 f"{hidden.shape[-1]}; use vectors of this model")
+        baselines = [float(choices[t].vector.stats.get("baseline", 0.0)) if centered
+                     else 0.0 for t in names]
+        projected = {part: project_many(hidden, units, baselines, massive)
+                     for part, hidden in parts.items()}
+        for i, trait in enumerate(names):
+            results = {part: values[i] for part, values in projected.items()}
+            written.append(_write(experiment, variant, prompt_set, path.stem, trait,
+                                  choices[trait], results, massive, baselines[i], centered,
+                                  settings["clean"]))
     return written
 
 
@@ -164,6 +249,7 @@ def _write(experiment, variant, prompt_set, prompt_id, trait, choice: Choice, re
     record = {
         "metadata": {"prompt_id": prompt_id, "prompt_set": prompt_set,
                      "vector_source": {"experiment": experiment.name, **vector.source(),
+                                       "requested_layer": choice.requested_layer,
                                        "selection": choice.reason},
                      "centered": centered, "baseline": baseline, "variant": variant},
         "projections": {p: r["projections"] for p, r in results.items()},

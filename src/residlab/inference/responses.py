@@ -2,7 +2,9 @@
 
 Each prompt becomes ``experiments/{exp}/inference/{variant}/responses/{prompt_set}/{id}.json``
 holding the exact token ids (prompt + response) that capture later runs over. Mode B needs
-only the tokenizer, no model weights.
+only the tokenizer, no model weights. Steered responses go to a folder of their own
+(``{prompt_set}_steer-{trait}-L{layer}-c{coef}`` unless ``output_suffix`` names one), and no
+folder ever mixes responses made under different steering.
 
     python -m residlab.inference.generate_responses --experiment E --prompt-set single_trait
 """
@@ -13,7 +15,7 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -25,7 +27,10 @@ from residlab.inference.prompt_sets import PromptItem, load_prompt_set
 from residlab.prompts import template_ids
 from residlab.store import write_json
 
-__all__ = ["generate_responses", "read_response", "response_record"]
+if TYPE_CHECKING:
+    from residlab.traits.steer import Steering
+
+__all__ = ["generate_responses", "read_response", "response_record", "steered_folder"]
 
 FIELDS = ("prompt", "response", "system_prompt", "tokens", "token_ids", "prompt_end",
           "inference_model", "prompt_note", "capture_date", "tags")
@@ -88,18 +93,73 @@ def _imported(path: str | Path, items: list[PromptItem]) -> dict[str, str]:
     return {str(key): value for key, value in texts.items()}
 
 
+def steered_folder(prompt_set: str, steering: Sequence[Steering]) -> str:
+    """``baseline_steer-emotion-optimism-L29-c8`` (specs joined by ``+``): the layers are the
+    ones actually used."""
+    specs = [f"{s.trait.replace('/', '-')}-L{s.layer}-c{s.coefficient:g}" for s in steering]
+    return f"{prompt_set}_steer-{'+'.join(specs)}"
+
+
+def _describe(intervention: Intervention) -> dict[str, Any]:
+    return {"kind": type(intervention).__name__, "layer": intervention.layer,
+            "site": intervention.site, "positions": intervention.positions}
+
+
+def _steer_tags(tags: Sequence[str]) -> list[str]:
+    return sorted(t for t in tags if str(t).startswith("steer:"))
+
+
+def _check_folder(out_dir: Path, tags: Sequence[str], intervened: bool) -> None:
+    """Refuse to add responses to a folder whose responses were made under other steering
+    (or none): each folder holds one condition only."""
+    existing = next(iter(sorted(out_dir.glob("*.json"))), None) if out_dir.is_dir() else None
+    if existing is None:
+        return
+    try:
+        record = json.loads(existing.read_text("utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    theirs = _steer_tags(record.get("tags") or [])
+    there = bool(theirs or record.get("interventions"))
+    if (theirs, there) != (_steer_tags(tags), intervened):
+        raise UsageError(f"{out_dir} holds responses made with {theirs or 'no steering'} "
+                         f"({existing.name}); this run uses {_steer_tags(tags) or 'no steering'}"
+                         ": pick another output suffix")
+
+
+def _out_folder(prompt_set: str, output_suffix: str | None, steering, intervened) -> str:
+    if output_suffix:
+        return f"{prompt_set}_{output_suffix}"
+    if steering:
+        return steered_folder(prompt_set, steering)
+    if intervened:
+        raise UsageError("responses made under interventions need their own folder: pass "
+                         "output_suffix (or steering=, which names the folder)")
+    return prompt_set
+
+
 def generate_responses(
     experiment: Experiment, prompt_set: str, *, variant: str | None = None,
     max_new_tokens: int = 50, temperature: float = 0.0, prefill: str | None = None,
     from_responses: str | Path | None = None, skip_existing: bool = False,
     limit: int | None = None, output_suffix: str | None = None, batch_size: int = 8,
     interventions: Sequence[Intervention] = (), tags: Sequence[str] = (), loaded=None,
+    steering: Sequence[Steering] = (),
 ) -> list[Path]:
-    """Write one Response JSON per prompt; returns the files written."""
+    """Write one Response JSON per prompt; returns the files written.
+
+    ``steering`` (from :func:`residlab.traits.steer.resolve_steering`) adds its vectors, tags
+    each record ``steer:TRAIT:LAYER:COEF`` with the layer actually used, records the request
+    under ``steering``, and names the folder unless ``output_suffix`` is given."""
+    interventions = [*interventions, *(s.intervention for s in steering)]
+    tags = [*tags, *(s.tag for s in steering)]
+    if from_responses and interventions:
+        raise UsageError("steering needs generation; drop --from-responses or --steer")
     items = load_prompt_set(prompt_set)[:limit]
     variant_name, spec = experiment.variant(variant)
-    folder = prompt_set + (f"_{output_suffix}" if output_suffix else "")
-    out_dir = experiment.responses_dir(variant_name, folder)
+    out_dir = experiment.responses_dir(variant_name, _out_folder(
+        prompt_set, output_suffix, steering, bool(interventions)))
+    _check_folder(out_dir, tags, bool(interventions))
     imported = _imported(from_responses, items) if from_responses else None
     if imported is not None:
         items = [item for item in items if item.id in imported]
@@ -107,21 +167,11 @@ def generate_responses(
     if not todo:
         return []
     model_name = spec.model + (f"+lora:{spec.lora}" if spec.lora else "")
-    common = {"variant": variant_name, "prompt_set": prompt_set, "prefill": prefill}
+    common = {"variant": variant_name, "prompt_set": prompt_set, "prefill": prefill,
+              "steering": [s.record() for s in steering],
+              "interventions": [_describe(i) for i in interventions]}
     if imported is not None:
-        from residlab.models import load_tokenizer
-
-        tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
-        imported_extra = {**common, "source": "imported", "finish_reason": None,
-                          "max_new_tokens": None, "temperature": None}
-        written = []
-        for item in todo:
-            prompt_ids, fill = _prompt_ids(tokenizer, item, prefill)
-            text_ids = tokenizer(imported[item.id], add_special_tokens=False)["input_ids"]
-            written.append(_save(out_dir, response_record(
-                tokenizer, item, prompt_ids, fill + text_ids, model=model_name,
-                extra=imported_extra, tags=tags)))
-        return written
+        return _import(spec, todo, imported, out_dir, prefill, model_name, common, tags)
     loaded = loaded or load_variant(experiment, variant_name)
     written = []
     for start in tqdm(range(0, len(todo), batch_size), desc="responses", disable=None):
@@ -137,6 +187,23 @@ def generate_responses(
                 extra={**common, "source": "generated", "finish_reason": out.finish_reason,
                        "max_new_tokens": max_new_tokens, "temperature": temperature},
                 tags=tags)))
+    return written
+
+
+def _import(spec, todo, imported, out_dir, prefill, model_name, common, tags) -> list[Path]:
+    """Mode B: the given texts, tokenised after the prompt (tokenizer only)."""
+    from residlab.models import load_tokenizer
+
+    tokenizer = load_tokenizer(spec.model, trust_remote_code=spec.trust_remote_code)
+    extra = {**common, "source": "imported", "finish_reason": None, "max_new_tokens": None,
+             "temperature": None}
+    written = []
+    for item in todo:
+        prompt_ids, fill = _prompt_ids(tokenizer, item, prefill)
+        text_ids = tokenizer(imported[item.id], add_special_tokens=False)["input_ids"]
+        written.append(_save(out_dir, response_record(
+            tokenizer, item, prompt_ids, fill + text_ids, model=model_name, extra=extra,
+            tags=tags)))
     return written
 
 

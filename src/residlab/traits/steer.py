@@ -2,18 +2,18 @@
 
 Every (layer, coefficient) row and the unsteered baseline are packed into the same batches,
 one ``Add`` per layer whose per-row vectors are zero on rows steered elsewhere. Answers are
-saved before judging (``answers.jsonl``), so a failed judge loses nothing: rerun with
-``--rescore``. Results accumulate in ``experiments/{exp}/steering/{trait}/{variant}/results.jsonl``
-(one row per question and setting; a rerun of the same setting replaces its rows).
+saved before judging, so a failed judge loses nothing: rerun with ``--rescore``. Answers and
+results are keyed by the full setting (see :mod:`residlab.traits.steer_results`): a rerun
+replaces only its own setting's rows.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,12 +24,25 @@ from residlab.experiments import Experiment, load_variant
 from residlab.generation import generate_ids
 from residlab.hooks import Add, Intervention
 from residlab.prompts import template_ids
-from residlab.store import read_jsonl, write_jsonl
+from residlab.store import read_jsonl
 from residlab.traits.data import load_trait
 from residlab.traits.judge import Judge, coherence_prompt, trait_prompt
+from residlab.traits.select import select_vectors
+from residlab.traits.steer_results import (
+    answer_key,
+    answers_path,
+    format_summary,
+    load_results,
+    merge_rows,
+    steering_dir,
+    stored_settings,
+    summarize,
+)
 from residlab.traits.vectors import find_vectors, load_vector
 
-__all__ = ["SteerRow", "pack_interventions", "run_steering", "steering_dir", "summarize"]
+__all__ = ["SteerRow", "Steering", "format_summary", "load_results", "pack_interventions",
+           "resolve_steering", "run_steering", "steering_dir", "steering_interventions",
+           "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +52,6 @@ class SteerRow:
     question: str
     layer: int | None  # None: the unsteered baseline
     coefficient: float
-
-
-def steering_dir(experiment: Experiment, trait: str, variant: str) -> Path:
-    return experiment.path / "steering" / trait / variant
 
 
 def pack_interventions(rows: Sequence[SteerRow], units: dict[int, torch.Tensor],
@@ -87,6 +96,50 @@ def _answer(loaded, rows, units, *, max_new_tokens, batch_size, positions) -> li
     return answers
 
 
+def _saved_answers(folder: Path, setting: dict) -> list[dict]:
+    """The answers of exactly this setting, for ``--rescore``."""
+    path = answers_path(folder, setting)
+    if path.is_file():
+        return read_jsonl(path)
+    def shown(values: dict) -> str:
+        return ", ".join(f"{key}={value}" for key, value in values.items())
+
+    listing = "; ".join(shown(s) for s in stored_settings(folder)[:4])
+    raise UsageError(f"no saved answers for this setting ({shown(setting)}) in {folder}; "
+                     f"saved: {listing or 'none'}; run without --rescore first, or pass the "
+                     "flags of a saved setting")
+
+
+def _generate(experiment, data, setting, *, variant_name, layers, coefficients, loaded,
+              max_new_tokens, batch_size, positions) -> list[dict]:
+    """Answer every question unsteered and at each (layer, coefficient)."""
+    loaded = loaded or load_variant(experiment, variant_name)
+    arch = resolve_arch(loaded.model)
+    chosen = sorted({arch.normalize_layer(layer) for layer in layers})
+    units = _vectors(experiment, data.name, setting["vector_variant"], chosen, setting["method"],
+                     setting["position"], setting["component"], arch.d_model)
+    rows = [SteerRow(q, None, 0.0) for q in data.questions] + [
+        SteerRow(q, layer, float(c)) for layer in chosen for c in coefficients if c != 0
+        for q in data.questions]
+    texts = _answer(loaded, rows, units, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    positions=positions)
+    return [{**setting, "question": r.question, "layer": r.layer, "coefficient": r.coefficient,
+             "answer": a} for r, a in zip(rows, texts, strict=True)]
+
+
+def _judge(judge: Judge, definition: str, answered: list[dict], kept_in: Path) -> list[dict]:
+    try:
+        trait_scores = judge.score([trait_prompt(definition, r["question"], r["answer"],
+                                                 judge.scale) for r in answered])
+        coherence = judge.score([coherence_prompt(r["question"], r["answer"], judge.scale)
+                                 for r in answered])
+    except ConnectionError as error:
+        raise UsageError(f"{error}; the answers are kept in {kept_in}: rerun with "
+                         "--rescore to score them") from None
+    return [{**r, "trait_score": t, "coherence_score": c, "judge": judge.name}
+            for r, t, c in zip(answered, trait_scores, coherence, strict=True)]
+
+
 def run_steering(
     experiment: Experiment, trait: str, *, layers: Sequence[int], coefficients: Sequence[float],
     judge: Judge, variant: str | None = None, vector_variant: str | None = None,
@@ -94,7 +147,10 @@ def run_steering(
     max_new_tokens: int = 48, batch_size: int = 32, positions: str = "all",
     rescore: bool = False, loaded=None,
 ) -> Path:
-    """Generate (unless ``rescore``), judge, and merge into results.jsonl; returns its path."""
+    """Generate (unless ``rescore``), judge, and merge into results.jsonl; returns its path.
+
+    ``rescore`` judges again every saved answer of this exact setting (the same method,
+    position, component, vector variant, positions and max_new_tokens)."""
     data = load_trait(trait)
     if not data.questions:
         raise UsageError(f"{data.path}/steering.json has no questions")
@@ -102,99 +158,65 @@ def run_steering(
     source, _ = experiment.variant(vector_variant, role="extraction")
     folder = steering_dir(experiment, data.name, variant_name)
     setting = {"method": method, "position": position, "component": component,
-               "vector_variant": source}
-    answers_file = folder / "answers.jsonl"
+               "vector_variant": source, "positions": positions,
+               "max_new_tokens": max_new_tokens}
+    answers_file = answers_path(folder, setting)
     if rescore:
-        if not answers_file.is_file():
-            raise UsageError(f"{answers_file} not found; run without --rescore first")
-        answered = read_jsonl(answers_file)
+        answered = _saved_answers(folder, setting)
     else:
-        loaded = loaded or load_variant(experiment, variant_name)
-        arch = resolve_arch(loaded.model)
-        chosen = sorted({arch.normalize_layer(layer) for layer in layers})
-        units = _vectors(experiment, data.name, source, chosen, method, position, component,
-                         arch.d_model)
-        rows = [SteerRow(q, None, 0.0) for q in data.questions] + [
-            SteerRow(q, layer, float(c)) for layer in chosen for c in coefficients if c != 0
-            for q in data.questions]
-        texts = _answer(loaded, rows, units, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, positions=positions)
-        answered = [{**setting, "question": r.question, "layer": r.layer,
-                     "coefficient": r.coefficient, "answer": a} for r, a in zip(rows, texts,
-                                                                               strict=True)]
-        write_jsonl(answers_file, answered)
-    try:
-        trait_scores = judge.score([trait_prompt(data.definition, r["question"], r["answer"],
-                                                 judge.scale) for r in answered])
-        coherence = judge.score([coherence_prompt(r["question"], r["answer"], judge.scale)
-                                 for r in answered])
-    except ConnectionError as error:
-        raise UsageError(f"{error}; the answers are kept in {answers_file}: rerun with "
-                         "--rescore to score them") from None
-    scored = [{**r, "trait_score": t, "coherence_score": c, "judge": judge.name}
-              for r, t, c in zip(answered, trait_scores, coherence, strict=True)]
-    return _merge(folder / "results.jsonl", scored)
+        answered = _generate(experiment, data, setting, variant_name=variant_name, layers=layers,
+                             coefficients=coefficients, loaded=loaded,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             positions=positions)
+        merge_rows(answers_file, answered, key=answer_key)
+    scored = _judge(judge, data.definition, answered, answers_file)
+    return merge_rows(folder / "results.jsonl", scored)
 
 
-def _key(row: dict) -> tuple:
-    return (row["method"], row["position"], row["component"], row.get("vector_variant"),
-            row["layer"], float(row["coefficient"]), row["question"])
+@dataclass(frozen=True)
+class Steering:
+    """One ``TRAIT:LAYER:COEF`` request as applied: the layer actually used and why."""
+
+    trait: str
+    requested_layer: int
+    layer: int
+    coefficient: float
+    intervention: Add
+    reason: str
+    vector: dict[str, Any]  # the vector's identity (trait, variant, method, position, ...)
+
+    @property
+    def tag(self) -> str:
+        return f"steer:{self.trait}:{self.layer}:{self.coefficient:g}"
+
+    def record(self) -> dict[str, Any]:
+        return {"trait": self.trait, "requested_layer": self.requested_layer,
+                "layer": self.layer, "coefficient": self.coefficient, "vector": self.vector,
+                "selection": self.reason}
 
 
-def _merge(path: Path, rows: list[dict]) -> Path:
-    old = read_jsonl(path) if path.is_file() else []
-    new_keys = {_key(r) for r in rows}
-    write_jsonl(path, [r for r in old if _key(r) not in new_keys] + rows)
-    return path
-
-
-def summarize(results: list[dict]) -> list[dict]:
-    """Per setting (method, position, component, layer, coefficient): mean trait and
-    coherence, and the trait gain over that method's baseline (coefficient 0)."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in results:
-        groups[_key(row)[:6]].append(row)
-    baselines = {key[:4]: sum(r["trait_score"] for r in rs) / len(rs)
-                 for key, rs in groups.items() if key[4] is None}
-    out = []
-    for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][4] is not None, kv[0][4] or 0,
-                                                          kv[0][5])):
-        trait = sum(r["trait_score"] for r in rs) / len(rs)
-        base = baselines.get(key[:4], float("nan"))
-        out.append({"method": key[0], "position": key[1], "component": key[2],
-                    "vector_variant": key[3], "layer": key[4], "coefficient": key[5],
-                    "trait": trait, "coherence": sum(r["coherence_score"] for r in rs) / len(rs),
-                    "gain": trait - base, "n": len(rs)})
+def resolve_steering(experiment: Experiment, loaded,
+                     specs: Sequence[tuple[str, int, float]]) -> list[Steering]:
+    """``[(trait, layer, coef)]`` -> what will be added: ``coef x unit vector`` of the
+    extraction variant's vector, its layer normalised (``-1`` is the last) and snapped to the
+    nearest stored layer (logged)."""
+    source, _ = experiment.variant(None, role="extraction")
+    arch = resolve_arch(loaded.model)
+    out: list[Steering] = []
+    for trait, layer, coefficient in specs:
+        (choice,) = select_vectors(experiment, trait, variant=source, layer=layer,
+                                   n_layers=arch.n_layers)
+        log.info("steering %s: %s, coefficient %g", trait, choice.reason, coefficient)
+        vector = choice.vector
+        if vector.vector.shape[0] != arch.d_model:
+            raise UsageError(f"vector for {trait} has size {vector.vector.shape[0]}, "
+                             f"the model's hidden size is {arch.d_model}")
+        out.append(Steering(trait, choice.requested_layer, vector.layer, float(coefficient),
+                            Add(vector.layer, vector.unit * coefficient, site="resid_post"),
+                            choice.reason, vector.source()))
     return out
-
-
-def format_summary(rows: list[dict]) -> str:
-    lines = [f"{'layer':>6} {'coef':>8} {'trait':>7} {'coherence':>10} {'gain':>7}"]
-    for r in rows:
-        layer = "base" if r["layer"] is None else str(r["layer"])
-        lines.append(f"{layer:>6} {r['coefficient']:>8g} {r['trait']:>7.1f} "
-                     f"{r['coherence']:>10.1f} {r['gain']:>+7.1f}")
-    return "\n".join(lines)
-
-
-def load_results(experiment: Experiment, trait: str, variant: str) -> list[dict]:
-    path = steering_dir(experiment, trait, variant) / "results.jsonl"
-    return read_jsonl(path) if path.is_file() else []
-
 
 
 def steering_interventions(experiment: Experiment, loaded, specs) -> list[Intervention]:
-    """``[(trait, layer, coef)]`` -> Adds of ``coef x unit vector`` (extraction variant's)."""
-    from residlab.traits.select import select_vectors
-
-    source, _ = experiment.variant(None, role="extraction")
-    d_model = resolve_arch(loaded.model).d_model
-    out: list[Intervention] = []
-    for trait, layer, coefficient in specs:
-        (choice,) = select_vectors(experiment, trait, variant=source, layer=layer)
-        log.info("steering %s: %s, coefficient %g", trait, choice.reason, coefficient)
-        if choice.vector.vector.shape[0] != d_model:
-            raise UsageError(f"vector for {trait} has size {choice.vector.vector.shape[0]}, "
-                             f"the model's hidden size is {d_model}")
-        out.append(Add(choice.vector.layer, choice.vector.unit * coefficient, site="resid_post"))
-    return out
+    """The Adds of :func:`resolve_steering` alone."""
+    return [s.intervention for s in resolve_steering(experiment, loaded, specs)]
