@@ -119,6 +119,8 @@ CASES = [
     Case("duplicate norms", lambda c: c.noise(noise_norms=[0.0, 0.0, 4.0]), "twice"),
     Case("flag sweep against file sweep", lambda c: c.noise("--noise_norm", "4"),
          "--noise_norms 4"),
+    Case("generation beyond the context", lambda c: c.noise(max_new_tokens=600),
+         "exceeds the model's context of 512 tokens"),
     Case("missing config file", lambda c: ["noise", "generate", "--config",
                                            str(c.root / "nope.yaml")], "not found"),
     Case("missing model", lambda c: c.noise(model_name=str(c.root / "no-model")),

@@ -188,3 +188,21 @@ def test_a_typo_is_answered_with_the_keys_of_its_own_section(tmp_path, monkeypat
         "model_variants:\n  base: {model: default}\ndefaults:\n  aplication: base\n")
     with pytest.raises(UsageError, match="did you mean 'application'"):
         load_experiment("e")
+
+
+def test_resolved_options_and_provenance_are_written_next_to_outputs(tmp_path, monkeypatch,
+                                                                     tiny_llama_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESIDLAB_EXPERIMENTS_DIR", str(tmp_path / "experiments"))
+    (tmp_path / "experiments" / "e").mkdir(parents=True)
+    (tmp_path / "experiments" / "e" / "config.yaml").write_text(yaml.safe_dump(
+        {"model_variants": {"base": {"model": str(tiny_llama_dir), "dtype": "float32",
+                                     "device": "cpu"}}}))
+    assert main(["responses", "--experiment", "e", "--prompt-set", "baseline", "--limit", "2",
+                 "--max-new-tokens", "3"]) == 0
+    folder = tmp_path / "experiments" / "e" / "inference" / "base" / "responses" / "baseline"
+    record = yaml.safe_load((folder / "_command.yaml").read_text())
+    assert record["command"] == "residlab responses"
+    assert record["options"]["max_new_tokens"] == 3 and record["options"]["limit"] == 2
+    assert record["model"]["source"] == "local" and record["model"]["dtype"] == "float32"
+    assert record["model"]["config_sha256"] and "torch" in record["libraries"]

@@ -32,6 +32,8 @@ __all__ = [
     "GENERATION_DEFAULTS",
     "GenerationDefaults",
     "Generated",
+    "check_context",
+    "context_length",
     "effective_generation_settings",
     "generate_ids",
     "left_pad",
@@ -195,6 +197,7 @@ def generate_ids(
         temperature=temperature, top_p=top_p, generation_defaults=generation_defaults)
     stops = list(config.eos_token_id or [])
     device = next(model.parameters()).device
+    check_context(model, max(len(p) for p in prompts), max_new_tokens)
     input_ids, attention_mask = left_pad(prompts, config.pad_token_id, device)  # (B, P)
     with (torch.inference_mode(), _checkpoint_defaults_replaced(model, config),
           intervene(model, interventions, arch=arch, prompt_mask=attention_mask)):
@@ -202,6 +205,28 @@ def generate_ids(
                                 generation_config=config)  # (B, P + new)
     new_tokens = output[:, input_ids.shape[1]:].tolist()
     return [_cut(row, set(stops)) for row in new_tokens]
+
+
+def context_length(model) -> int | None:
+    """The model's position limit (``max_position_embeddings`` / ``n_positions``), if any."""
+    config = unwrap_model(model).config
+    config = getattr(config, "text_config", None) or config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse a generation that cannot fit the model's context (it would fail or run on
+    positions the model never saw), before any work is done."""
+    limit = context_length(model)
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise UsageError(
+            f"max_new_tokens={max_new_tokens} after a prompt of {prompt_len} tokens exceeds "
+            f"the model's context of {limit} tokens; use max_new_tokens <= "
+            f"{max(limit - prompt_len, 0)} or shorter prompts")
 
 
 def _cut(row: list[int], stops: set[int]) -> Generated:

@@ -62,9 +62,18 @@ def run_extract(options: ExtractOptions) -> None:
             position=options.position, component=options.component, layers=options.layers,
             max_new_tokens=options.max_new_tokens, test_fraction=options.test_fraction,
             seed=options.seed, batch_size=options.batch_size, loaded=loaded)
-        record_command(result.folder, "extract", options, loaded)
+        record_command(result.folder, "extract", options, loaded,
+                       generation=greedy_settings(loaded, options.max_new_tokens))
         print(summary(result))
         print(f"vectors: {result.folder / 'vectors'}")
+
+
+def greedy_settings(loaded, max_new_tokens: int) -> dict:
+    """The effective settings of the greedy generation these commands run."""
+    from residlab.generation import effective_generation_settings
+
+    return effective_generation_settings(loaded.model, loaded.tokenizer,
+                                         max_new_tokens=max_new_tokens)
 
 
 def make_judge(options: SteerOptions):
@@ -95,7 +104,9 @@ def run_steer(options: SteerOptions) -> None:
         position=options.position, component=options.component,
         max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
         positions=options.positions, rescore=options.rescore, loaded=loaded)
-    record_command(path.parent, "steer", options, loaded, judge=judge.name)
+    generation = greedy_settings(loaded, options.max_new_tokens) if loaded else None
+    record_command(path.parent, "steer", options, loaded, judge=judge.name,
+                   generation=generation)
     variant = experiment.variant(options.model_variant)[0]
     print(format_summary(summarize(load_results(experiment, options.trait, variant))))
     print(f"results: {path}")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from residlab.arch import resolve_arch
 from residlab.experiments import Experiment, load_variant
 from residlab.inference.capture import capture_records
 from residlab.inference.responses import generate_responses, read_response
+from residlab.progress import progress
 from residlab.store import write_json
 
 __all__ = ["MassiveDims", "MassiveDimsFitter", "calibration_path", "run_calibration"]
@@ -88,7 +88,8 @@ def run_calibration(
     arch = resolve_arch(loaded.model)
     layers = list(range(arch.n_layers))
     fitter = MassiveDimsFitter()
-    for start in tqdm(range(0, len(records), batch_size), desc="calibration", disable=None):
+    bar = progress(total=len(records), desc="calibration", unit="responses")
+    for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         captured = capture_records(loaded.model, arch, batch, layers, ["residual"],
                                    pad_id=loaded.tokenizer.pad_token_id or 0,
@@ -96,6 +97,8 @@ def run_calibration(
         for tensors in captured:
             for layer in layers:
                 fitter.update(layer, tensors[f"response.layer{layer}.residual"])
+        bar.update(len(batch))
+    bar.close()
     result = fitter.result(top_k)
     path = calibration_path(experiment, variant_name)
     write_json(path, {

@@ -20,7 +20,11 @@ import torch
 from residlab.arch import Arch, resolve_arch
 from residlab.config import NoisingConfig
 from residlab.errors import UsageError
-from residlab.generation import effective_generation_settings, generate_ids
+from residlab.generation import (
+    check_context,
+    effective_generation_settings,
+    generate_ids,
+)
 from residlab.hooks import Add
 from residlab.models import LoadedModel, load_model
 from residlab.noising.noise import (
@@ -136,6 +140,7 @@ def generate_shard(
 def _start(cfg: NoisingConfig, loaded: LoadedModel, arch: Arch, cov_sqrt: str | None):
     """Check everything, then create the run directory (so bad input writes nothing)."""
     prompts = load_run_prompts(cfg, loaded.tokenizer)
+    check_context(loaded.model, max(len(p.token_ids) for p in prompts), cfg.max_new_tokens)
     matrix, shaping, path = _shaping(cfg, loaded, arch, cov_sqrt)
     noises = noise_vectors(cfg.seed, cfg.num_noise_vectors, arch.d_model, matrix)  # (V, D)
     run = RunDir(new_timestamped_dir(cfg.output_dir))

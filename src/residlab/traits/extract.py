@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from residlab.arch import resolve_arch
 from residlab.errors import UsageError
 from residlab.experiments import Experiment, load_variant
 from residlab.generation import generate_ids
 from residlab.inference.capture import COMPONENT_SITES, capture_records, parse_layers
+from residlab.progress import progress
 from residlab.store import atomic_path, write_json
 from residlab.traits.data import TraitData, load_trait
-from residlab.traits.methods import METHODS, evaluate, fit_direction, split_pairs
+from residlab.traits.methods import METHODS, evaluate, fit, split_pairs
 from residlab.traits.positions import parse_position, pool, position_slug
 from residlab.traits.vectors import TraitVector, extraction_dir, save_vector
 
@@ -32,6 +32,8 @@ __all__ = ["ExtractionResult", "extract_trait", "pooled_activations", "summary"]
 
 log = logging.getLogger(__name__)
 SIDES = ("positive", "negative")
+ORIENTATION = ("signed so that the positive line of most training pairs projects higher "
+               "(flipped: the method's own sign was reversed)")
 
 
 @dataclass(frozen=True)
@@ -54,11 +56,12 @@ def _completions(loaded, data: TraitData, folder: Path, max_new_tokens: int,
             return saved
     out: dict = {"max_new_tokens": max_new_tokens}
     tokenizer = loaded.tokenizer
+    bar = progress(total=len(data.positive) + len(data.negative), desc="completions",
+                   unit="lines")
     for side in SIDES:
         texts = getattr(data, side)
         records = []
-        for start in tqdm(range(0, len(texts), batch_size), desc=f"{side} completions",
-                          disable=None):
+        for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
             prompts = [tokenizer(text)["input_ids"] for text in chunk]
             generated = generate_ids(loaded.model, tokenizer, prompts,
@@ -66,7 +69,9 @@ def _completions(loaded, data: TraitData, folder: Path, max_new_tokens: int,
             records += [{"text": text, "prompt_ids": ids, "response_ids": g.token_ids,
                          "completion": tokenizer.decode(g.token_ids, skip_special_tokens=True)}
                         for text, ids, g in zip(chunk, prompts, generated, strict=True)]
+            bar.update(len(chunk))
         out[side] = records
+    bar.close()
     write_json(cache, out)
     return out
 
@@ -81,6 +86,7 @@ def pooled_activations(
             for r in records]
     pad = loaded.tokenizer.pad_token_id or 0
     out = []
+    bar = progress(total=len(rows), desc="activations", unit="examples")
     for start in range(0, len(rows), batch_size):
         captured = capture_records(loaded.model, arch, rows[start:start + batch_size], layers,
                                    [component], pad_id=pad, dtype=torch.float32)
@@ -89,6 +95,8 @@ def pooled_activations(
                 pool(tensors[f"prompt.layer{layer}.{component}"],
                      tensors[f"response.layer{layer}.{component}"], position)
                 for layer in layers]))  # (n_layers, d)
+        bar.update(len(captured))
+    bar.close()
     return torch.stack(out)
 
 
@@ -114,6 +122,7 @@ def extract_trait(
         raise UsageError(f"unknown component {component!r}; use {', '.join(COMPONENT_SITES)}")
     parse_position(position)
     data = load_trait(trait)
+    train, test = split_pairs(len(data.positive), test_fraction, seed)  # checked before work
     variant_name, _ = experiment.variant(variant, role="extraction")
     loaded = loaded or load_variant(experiment, variant_name, role="extraction")
     arch = resolve_arch(loaded.model)
@@ -124,17 +133,18 @@ def extract_trait(
                                      position, batch_size) for side in SIDES}  # (n, L, d)
     _save_activations(folder / "activations" / position_slug(position)
                       / f"{component}.safetensors", acts, chosen)
-    train, test = split_pairs(len(data.positive), test_fraction, seed)
     stats: dict[str, list[dict]] = {}
     for method in methods:
         stats[method] = []
         for index, layer in enumerate(chosen):
             pos, neg = (acts[side][:, index].double().numpy() for side in SIDES)  # (n, d)
-            direction = fit_direction(method, pos[train], neg[train])
+            fitted = fit(method, pos[train], neg[train])
+            direction = fitted.direction
             scores = evaluate(direction, (pos[train], neg[train]), (pos[test], neg[test]))
             row = {"layer": layer, "accuracy": scores.accuracy,
                    "effect_size": scores.effect_size, "baseline": scores.baseline,
-                   "norm": scores.norm, "n_train": len(train), "n_test": len(test)}
+                   "norm": scores.norm, "n_train": len(train), "n_test": len(test),
+                   "flipped": fitted.flipped, "train_pair_accuracy": fitted.pair_accuracy}
             save_vector(experiment, TraitVector(
                 data.name, variant_name, position, component, method, layer,
                 torch.from_numpy(direction).float(), {k: v for k, v in row.items()
@@ -145,6 +155,7 @@ def extract_trait(
                                        "position": position, "component": component,
                                        "method": method, "test_fraction": test_fraction,
                                        "seed": seed, "test_pairs": [int(i) for i in test],
+                                       "orientation": ORIENTATION,
                                        "layers": stats[method]})
     return ExtractionResult(data.name, variant_name, folder, stats)
 

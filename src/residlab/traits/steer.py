@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from residlab.arch import resolve_arch
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment, load_variant
 from residlab.generation import generate_ids
 from residlab.hooks import Add, Intervention
+from residlab.progress import progress
 from residlab.prompts import template_ids
 from residlab.store import read_jsonl
 from residlab.traits.data import load_trait
@@ -85,7 +85,8 @@ def _answer(loaded, rows, units, *, max_new_tokens, batch_size, positions) -> li
     tokenizer, answers = loaded.tokenizer, []
     n_batches = -(-len(rows) // batch_size)
     size = -(-len(rows) // max(n_batches, 1))  # even batches: no small straggler at the end
-    for start in tqdm(range(0, len(rows), size), desc="steering", disable=None):
+    bar = progress(total=len(rows), desc="steering", unit="answers")
+    for start in range(0, len(rows), size):
         chunk = rows[start:start + size]
         prompts = [template_ids(tokenizer, [{"role": "user", "content": r.question}])[1]
                    for r in chunk]
@@ -93,6 +94,8 @@ def _answer(loaded, rows, units, *, max_new_tokens, batch_size, positions) -> li
                                  interventions=pack_interventions(chunk, units,
                                                                   positions=positions))
         answers += [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generated]
+        bar.update(len(chunk))
+    bar.close()
     return answers
 
 
