@@ -1,8 +1,8 @@
-"""``python -m residlab.inference.capture_raw_activations`` (same flags as ``residlab capture``)."""
+"""``python -m residlab.inference.capture_raw_activations``
 
-import sys
-
-from residlab.cli import main
+The seed's path; same flags as ``residlab capture``."""
 
 if __name__ == "__main__":
-    raise SystemExit(main(["capture", *sys.argv[1:]]))
+    from residlab.cli import run_module
+
+    raise SystemExit(run_module("capture"))

@@ -1,8 +1,8 @@
-"""``python -m residlab.inference.generate_responses`` (same flags as ``residlab responses``)."""
+"""``python -m residlab.inference.generate_responses``
 
-import sys
-
-from residlab.cli import main
+The seed's path; same flags as ``residlab responses``."""
 
 if __name__ == "__main__":
-    raise SystemExit(main(["responses", *sys.argv[1:]]))
+    from residlab.cli import run_module
+
+    raise SystemExit(run_module("responses"))

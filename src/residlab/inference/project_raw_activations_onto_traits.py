@@ -1,8 +1,8 @@
-"""``python -m residlab.inference.project_raw_activations_onto_traits`` (= ``residlab project``)."""
+"""``python -m residlab.inference.project_raw_activations_onto_traits``
 
-import sys
-
-from residlab.cli import main
+The seed's path; same flags as ``residlab project``."""
 
 if __name__ == "__main__":
-    raise SystemExit(main(["project", *sys.argv[1:]]))
+    from residlab.cli import run_module
+
+    raise SystemExit(run_module("project"))
