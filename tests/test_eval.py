@@ -184,7 +184,8 @@ def test_eval_bad_input(tmp_path, capsys, tiny_llama, tiny_llama_dir):
     assert len((run_dir / EVAL_FILE).read_text().splitlines()) == 16  # the rest were scored
     assert main(["noise", "eval", "--config", str(config), "--run_dir", str(run_dir),
                  "--reference_model_name", str(tmp_path / "missing-model")]) == 2
-    assert "cannot load model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "missing-model" in err and "not found" in err
     for path in gens:
         path.write_text("")
     (run_dir / EVAL_FILE).unlink()
@@ -200,3 +201,145 @@ def test_eval_without_config_uses_the_runs_own(tmp_path, capsys, tiny_llama, tin
     out = capsys.readouterr().out
     assert "mean log-prob/token" in out and f"scores: {run_dir / EVAL_FILE}" in out
     assert len((run_dir / EVAL_FILE).read_text().splitlines()) == 2 * 2 * 2
+
+
+def _plant_stop(run_dir, tokenizer) -> dict:
+    """End the first generation with the stop token, as a chat model's would."""
+    path = RunDir(run_dir).gens_file(0)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines[0]["response_token_ids"].append(tokenizer.eos_token_id)
+    lines[0]["finish_reason"] = "stop"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return lines[0]
+
+
+def _by_key(path) -> dict:
+    return {(r["noise_id"], r["noise_scale"], r["prompt_index"]): r
+            for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_rerun_with_other_settings_rescores(tmp_path, caplog, tiny_llama, tiny_llama_dir,
+                                            tiny_gpt2):
+    cfg = _config(tmp_path, tiny_llama_dir, num_prompts=2)
+    run_dir = run_generate(cfg, loaded=tiny_llama)
+    stopped = _plant_stop(run_dir, tiny_llama.tokenizer)
+    key = (stopped["noise_id"], stopped["noise_scale"], stopped["prompt_index"])
+    out, _ = run_eval(cfg, run_dir, loaded=tiny_llama)
+    assert _by_key(out)[key]["n_tokens"] == len(stopped["response_token_ids"])
+    with caplog.at_level("WARNING", logger="residlab.noising.eval"):
+        run_eval(cfg, run_dir, loaded=tiny_llama, score_eos=False)
+    assert "rescoring 8 record(s)" in caplog.text and "score_eos True -> False" in caplog.text
+    records = _by_key(out)
+    assert records[key]["n_tokens"] == len(stopped["response_token_ids"]) - 1
+    assert all(r["settings"]["score_eos"] is False for r in records.values())
+    # Another reference model (same tokenizer, so exact ids): rescored, not refused.
+    run_eval(cfg, run_dir, loaded=tiny_gpt2, score_eos=False)
+    gens = {(g["noise_id"], g["noise_scale"], g["prompt_index"]): g
+            for path in RunDir(run_dir).gens_files()
+            for g in map(json.loads, path.read_text().splitlines())}
+    for k, record in _by_key(out).items():
+        ids = gens[k]["prompt_token_ids"] + gens[k]["response_token_ids"][:record["n_tokens"]]
+        expected = _plain_logprobs(tiny_gpt2.model, ids, len(gens[k]["prompt_token_ids"]))
+        assert record["per_token_logprobs"] == pytest.approx(expected, abs=1e-4)
+        assert record["reference_model"] == tiny_gpt2.name
+
+
+def test_empty_span_has_no_score(tmp_path, tiny_llama, tiny_llama_dir):
+    import numpy as np
+
+    from residlab.noising.eval import summarize
+    from residlab.noising.stats import scale_quantiles, vector_means
+
+    cfg = _config(tmp_path, tiny_llama_dir, num_prompts=2)
+    run_dir = run_generate(cfg, loaded=tiny_llama)
+    path = RunDir(run_dir).gens_file(0)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    lines[-1]["response_token_ids"] = [tiny_llama.tokenizer.eos_token_id]  # stopped at once
+    lines[-1]["finish_reason"] = "stop"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out, _ = run_eval(cfg, run_dir, loaded=tiny_llama, score_eos=False)
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    empty = [r for r in records if r["n_tokens"] == 0]
+    assert len(empty) == 1 and empty[0]["mean_logprob"] is None
+    assert empty[0]["total_logprob"] is None
+    scored = [r for r in records if r["n_tokens"]]
+    for row in scale_quantiles(records):  # oracle: numpy over the records that have a score
+        values = [r["mean_logprob"] for r in scored if r["noise_scale"] == row["scale"]]
+        assert row["n"] == len(values) and row["mean"] == pytest.approx(np.mean(values))
+    means = vector_means(records)
+    assert means[0][empty[0]["noise_scale"]] == pytest.approx(np.mean(
+        [r["mean_logprob"] for r in scored
+         if r["noise_id"] == 0 and r["noise_scale"] == empty[0]["noise_scale"]]))
+    assert "1 generation(s) with no token to score" in summarize(records)
+
+
+def test_killed_eval_resumes_from_the_partial_file(tmp_path, monkeypatch, tiny_llama,
+                                                   tiny_llama_dir):
+    from residlab.noising import eval as noising_eval
+
+    cfg = _config(tmp_path, tiny_llama_dir, batch_size=3)
+    run_dir = run_generate(cfg, loaded=tiny_llama)
+    real, calls = noising_eval.score_rows, []
+
+    def dies_on_third_batch(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 3 and kill:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(noising_eval, "score_rows", dies_on_third_batch)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(cfg, run_dir, loaded=tiny_llama)
+    partial = run_dir / "eval_logprobs.partial.jsonl"
+    assert not (run_dir / EVAL_FILE).exists()  # the output is written once, at the end
+    assert len(partial.read_text().splitlines()) == 6  # two finished batches
+    with partial.open("a") as handle:
+        handle.write('{"noise_id": 0, "noise_sc')  # a kill in the middle of a write
+    calls.clear()
+    kill = False
+    out, _ = run_eval(cfg, run_dir, loaded=tiny_llama)
+    assert sum(calls) == 16 - 6 and not partial.exists()
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    keys = [(r["noise_id"], r["noise_scale"], r["prompt_index"]) for r in records]
+    assert len(keys) == len(set(keys)) == 16 and keys == sorted(keys)
+    monkeypatch.setattr(noising_eval, "score_rows", real)
+    (run_dir / EVAL_FILE).rename(tmp_path / "resumed.jsonl")
+    fresh, _ = run_eval(cfg, run_dir, loaded=tiny_llama)  # oracle: one uninterrupted run
+    once = [json.loads(x) for x in fresh.read_text().splitlines()]
+    for a, b in zip(records, once, strict=True):
+        assert a["per_token_logprobs"] == pytest.approx(b["per_token_logprobs"], abs=1e-6)
+
+
+@pytest.mark.parametrize("fixture_dir", ["tiny_llama_dir", "tiny_gemma2_dir"])
+def test_bf16_scores_use_a_float32_head(request, fixture_dir):
+    """Oracle: the bf16 model's last hidden states, then the unembedding and log-softmax in
+    float64 (with the family's soft-cap). A bf16 head is off by rounding; ours is not."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(fixture_dir),
+                                                 dtype=torch.bfloat16).eval()
+    model.requires_grad_(False)
+    arch = resolve_arch(model)
+    with torch.no_grad():  # large logits, as in real models: bf16 rounding shows
+        model.get_output_embeddings().weight.mul_(20)
+    torch.manual_seed(0)
+    rows = [ScoreRow(torch.randint(3, 300, (16,)).tolist(), 4, 16) for _ in range(3)]
+    ours = score_rows(model, arch, rows, pad_id=0)
+    weight = model.get_output_embeddings().weight.double().numpy()  # (V, D)
+    cap = arch.logit_softcap
+    for row, values in zip(rows, ours, strict=True):
+        ids = torch.tensor([row.token_ids])
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        hidden = out.hidden_states[-1][0].double().numpy()  # (T, D), final norm applied
+        logits = hidden @ weight.T  # (T, V)
+        logits = np.tanh(logits / cap) * cap if cap else logits
+        logprobs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        positions = range(row.start - 1, row.end - 1)
+        oracle = np.array([logprobs[p, row.token_ids[p + 1]] for p in positions])
+        bf16 = torch.log_softmax(out.logits[0].float(), -1).numpy()  # (T, V) bf16 head
+        bf16 = np.array([bf16[p, row.token_ids[p + 1]] for p in positions])
+        error = np.abs(np.array(values) - oracle).max()
+        assert error < 5e-5 and np.abs(bf16 - oracle).max() > 100 * error

@@ -158,3 +158,32 @@ def test_browser_drives_the_viewer(viz_run):
             page.screenshot(path=str(SCREENSHOT_DIR / "viz.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_null_scores_are_left_out_of_rankings_and_stats(viz_run):
+    """Generations without a score (empty span, not scorable) never rank as the best."""
+    import numpy as np
+
+    run_dir, _ = viz_run
+    records = [json.loads(x) for x in (run_dir / "eval_logprobs.jsonl").read_text().splitlines()]
+    nulls = {"total_logprob": None, "mean_logprob": None, "n_tokens": 0,
+             "per_token_logprobs": [], "tokens": []}
+    at_nine = [r for r in records if r["noise_scale"] == 9.0]
+    at_nine[0].update(nulls)  # an empty response
+    at_nine[1].update(nulls, unscored="the reference chat template rewrites this answer")
+    for record in [r for r in records if r["noise_scale"] == 2.0]:
+        record.update(nulls)  # a scale where nothing has a score
+    payload = build_payload(records, top_n=100, run_name="r", config={})
+    assert (payload["n_empty"], payload["n_unscored"]) == (len(records) // 3 + 1, 1)
+    nine = payload["scales"].index(9.0)
+    for metric, key in (("total", "total_logprob"), ("mean", "mean_logprob")):
+        ranked = [payload["examples"][i] for i in payload["ranking"][nine][metric]]
+        assert len(ranked) == len(at_nine) - 2 and all(ex[key] is not None for ex in ranked)
+        assert payload["ranking"][1][metric] == []
+        quantiles = payload["chart"][key]["quantiles"]
+        assert quantiles[1] is None
+        values = [r[key] for r in at_nine if r[key] is not None]
+        assert quantiles[nine]["n"] == len(values)
+        assert quantiles[nine]["q"][2] == pytest.approx(np.median(values))
+    html = render_html(payload)
+    assert '"n_unscored": 1' in html

@@ -8,7 +8,6 @@ drop prompts longer than ``max_prompt_len`` tokens and stop after ``num_prompts`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from residlab.errors import UsageError
+from residlab.store import BadLine, parse_jsonl
 
 __all__ = [
     "BUILTIN",
@@ -49,14 +49,13 @@ class ChatPrompt:
                    record["prompt_token_ids"])
 
 
-def _jsonl(path: Path, text: str) -> Iterator[tuple[int, list]]:
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+def _jsonl(path: Path, data: bytes) -> Iterator[tuple[int, list]]:
+    """Conversations of a JSONL file, indexed by line (lines split on "\n" only)."""
+    for item in parse_jsonl(data, path):
+        if isinstance(item, BadLine):
+            raise UsageError(f"{path}:{item.line}: not valid JSON ({item.reason}); fix or "
+                             "remove that line")
+        line_no, record = item
         yield line_no - 1, _conversation(record, f"{path}:{line_no}")
 
 
@@ -69,8 +68,8 @@ def _conversation(record: Any, where: str) -> list:
 
 def builtin_conversations() -> Iterator[tuple[int, list]]:
     """The prompt set shipped with residlab (about 200 varied user prompts)."""
-    text = resources.files("residlab").joinpath("data/builtin_prompts.jsonl").read_text("utf-8")
-    yield from _jsonl(Path("builtin_prompts.jsonl"), text)
+    data = resources.files("residlab").joinpath("data/builtin_prompts.jsonl").read_bytes()
+    yield from _jsonl(Path("builtin_prompts.jsonl"), data)
 
 
 def _local(path: Path) -> Iterator[tuple[int, list]]:
@@ -88,7 +87,7 @@ def _local(path: Path) -> Iterator[tuple[int, list]]:
         return
     if path.suffix not in (".jsonl", ".json"):
         raise UsageError(f"dataset_path {str(path)!r}: use a .jsonl or .parquet file")
-    yield from _jsonl(path, path.read_text("utf-8"))
+    yield from _jsonl(path, path.read_bytes())
 
 
 def _hub(name: str, split: str, shuffle: bool, seed: int) -> Iterator[tuple[int, list]]:

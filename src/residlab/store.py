@@ -2,7 +2,12 @@
 
 Everything is written to a temporary file in the target's directory and renamed into place,
 so a crash leaves either the old file or the new one, never half of one. Long jobs record
-their progress as whole files (one per shard) and resume by skipping the ones that exist.
+their progress as whole files (one per shard) and resume by skipping the ones that exist;
+an append-only log (``append_jsonl``) keeps finished batches of a job that writes one file.
+
+Every JSONL and line file is read here, split on ``"\n"`` only: JSON text written with
+``ensure_ascii=False`` (and by orjson) keeps U+2028, U+2029 and U+0085 raw inside strings,
+and ``str.splitlines()`` would cut a record there.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import secrets
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,10 +30,16 @@ import yaml
 from residlab.errors import UsageError
 
 __all__ = [
+    "BadLine",
+    "append_jsonl",
     "atomic_path",
+    "drop_torn_tail",
     "write_bytes",
     "new_timestamped_dir",
+    "parse_jsonl",
     "read_jsonl",
+    "read_jsonl_tolerant",
+    "read_lines",
     "write_json",
     "write_jsonl",
     "write_npy",
@@ -100,18 +112,92 @@ def write_npy(target: str | Path, array: np.ndarray) -> None:
         np.save(handle, array, allow_pickle=False)
 
 
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a JSONL file that could not be read, and why."""
+
+    path: Path
+    line: int
+    reason: str
+
+
+def _split(data: bytes) -> list[bytes]:
+    """Lines split on b"\n" only (a trailing b"\r" goes too); a final newline adds no line."""
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a UTF-8 text file, split on ``"\n"`` only (``\r\n`` is accepted)."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{str(path)!r} is not UTF-8 text (byte {error.start}); save it as "
+                         "UTF-8") from None
+    return [line.decode("utf-8") for line in _split(data)]
+
+
+def parse_jsonl(data: bytes, path: str | Path) -> Iterator[tuple[int, Any] | BadLine]:
+    """``(line number, value)`` for each non-blank line, or a :class:`BadLine` saying why not.
+
+    A last line that does not parse and has no newline is reported as truncated (a writer
+    was stopped mid-line), which callers may treat differently from a malformed line.
+    """
+    lines = _split(data)
+    torn = bool(data) and not data.endswith(b"\n")
+    for line_no, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield line_no, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            yield BadLine(Path(path), line_no, f"not UTF-8 ({error.reason})")
+        except json.JSONDecodeError as error:
+            truncated = torn and line_no == len(lines)
+            reason = "truncated last line" if truncated else f"malformed JSON ({error.msg})"
+            yield BadLine(Path(path), line_no, reason)
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """All records of a JSONL file; a malformed line raises with file and line number."""
     records = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise UsageError(f"{path}:{line_no}: malformed JSON line ({error.msg})") from None
+    for item in parse_jsonl(Path(path).read_bytes(), path):
+        if isinstance(item, BadLine):
+            raise UsageError(f"{path}:{item.line}: {item.reason}; fix or remove that line")
+        records.append(item[1])
     return records
+
+
+def read_jsonl_tolerant(path: str | Path) -> tuple[list[tuple[int, Any]], list[BadLine]]:
+    """``(line number, record)`` pairs and the unreadable lines, for files that may hold a
+    line torn by a crash or edited by hand: reading goes on past them."""
+    records, bad = [], []
+    for item in parse_jsonl(Path(path).read_bytes(), path):
+        (bad if isinstance(item, BadLine) else records).append(item)
+    return records, bad
+
+
+def append_jsonl(target: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append records to a log in one write, flushed and fsynced before returning, so a kill
+    loses at most the lines of this call (left as a torn last line, see ``drop_torn_tail``)."""
+    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    with Path(target).open("ab") as handle:
+        handle.write(data.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def drop_torn_tail(path: str | Path) -> None:
+    """Cut a file back to its last newline, so appending after a crash starts a clean line."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
 
 
 def new_timestamped_dir(parent: str | Path) -> Path:

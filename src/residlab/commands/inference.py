@@ -32,15 +32,14 @@ __all__ = [
 Component = Literal["residual", "attn_contribution", "mlp_contribution"]
 
 
-def record_command(folder: Path, command: str, options: CommandOptions, loaded=None,
-                   **extra) -> None:
+def record_command(folder: Path, command: str, options: CommandOptions, loaded=None, *,
+                   file_name: str = "_command.yaml", **extra) -> None:
     """``folder/_command.yaml``: what made the files in ``folder``."""
     from residlab.provenance import command_record
     from residlab.store import write_yaml
 
     model = dict(loaded.provenance) if loaded is not None else None
-    write_yaml(Path(folder) / "_command.yaml",
-               command_record(command, options, model=model, **extra))
+    write_yaml(Path(folder) / file_name, command_record(command, options, model=model, **extra))
 
 
 class ExperimentInitOptions(CommandOptions):

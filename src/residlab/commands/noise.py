@@ -83,6 +83,12 @@ class NoiseVizOptions(CommandOptions):
     top_n: int = Field(100, ge=1, description="worst examples kept per scale and ranking")
 
 
+def record_command(folder: Path, command: str, options: CommandOptions, **extra) -> None:
+    from residlab.commands.inference import record_command as record
+
+    record(folder, command, options, **extra)
+
+
 def run_generate_command(options: NoiseGenerateOptions) -> None:
     from residlab.noising.generate import run_generate
 
@@ -102,6 +108,7 @@ def run_eval_command(options: NoiseEvalOptions) -> None:
 
     path, skipped = run_eval(options.settings, options.run_dir,
                              score_eos=not options.no_score_eos)
+    record_command(path.parent, "noise eval", options, file_name="eval_command.yaml")
     print(summarize(read_jsonl(path)))
     print(f"scores: {path}")
     if skipped:
@@ -115,4 +122,6 @@ def run_viz_command(options: NoiseVizOptions) -> None:
 
     if options.config:
         load_config(options.config)  # checked for consistency with the other stages
-    print(f"viewer: {run_viz(options.run_dir, top_n=options.top_n)}")
+    page = run_viz(options.run_dir, top_n=options.top_n)
+    record_command(page.parent, "noise viz", options, file_name="viz_command.yaml")
+    print(f"viewer: {page}")

@@ -1,8 +1,13 @@
-"""Aggregates of scored generations, shared by the console summary and the viewer."""
+"""Aggregates of scored generations, shared by the console summary and the viewer.
+
+A record without a score (``null``: nothing to score, or not scorable) is left out of every
+aggregate; counting it as 0.0 would make it the best score there is.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -11,13 +16,21 @@ __all__ = ["METRICS", "scale_quantiles", "vector_drops", "vector_means"]
 METRICS = ("mean_logprob", "total_logprob")
 
 
+def _scored(records: list[dict], metric: str) -> Iterator[tuple[dict, float]]:
+    """``(record, value)`` for the records that have a value of ``metric``."""
+    for record in records:
+        value = record.get(metric)
+        if value is not None:
+            yield record, value
+
+
 def vector_means(
     records: list[dict], metric: str = "mean_logprob"
 ) -> dict[int, dict[float, float]]:
     """``{noise_id: {scale: average metric over prompts}}``."""
     sums: dict[tuple[int, float], list[float]] = defaultdict(list)
-    for record in records:
-        sums[record["noise_id"], float(record["noise_scale"])].append(record[metric])
+    for record, value in _scored(records, metric):
+        sums[record["noise_id"], float(record["noise_scale"])].append(value)
     out: dict[int, dict[float, float]] = defaultdict(dict)
     for (noise_id, scale), values in sorted(sums.items()):
         out[noise_id][scale] = float(np.mean(values))
@@ -41,10 +54,10 @@ def vector_drops(records: list[dict], metric: str = "mean_logprob") -> list[dict
 
 
 def scale_quantiles(records: list[dict], metric: str = "mean_logprob") -> list[dict]:
-    """Per scale: count and the 5/25/50/75/95th percentiles of the metric."""
+    """Per scale with any value: count and the 5/25/50/75/95th percentiles of the metric."""
     by_scale: dict[float, list[float]] = defaultdict(list)
-    for record in records:
-        by_scale[float(record["noise_scale"])].append(record[metric])
+    for record, value in _scored(records, metric):
+        by_scale[float(record["noise_scale"])].append(value)
     out = []
     for scale in sorted(by_scale):
         values = np.array(by_scale[scale])

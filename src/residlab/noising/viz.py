@@ -11,7 +11,6 @@ prompt containing markup shows as text and runs nothing.
 from __future__ import annotations
 
 import json
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from residlab.noising.runs import RunDir
 from residlab.noising.stats import METRICS, scale_quantiles, vector_drops, vector_means
 from residlab.store import read_jsonl, write_text
 
-__all__ = ["build_payload", "main", "render_html", "run_viz"]
+__all__ = ["build_payload", "render_html", "run_viz"]
 
 PAGE_SIZE = 10
 
@@ -35,11 +34,16 @@ def _chart(records: list[dict], scales: list[float]) -> dict:
     for metric in METRICS:
         quantiles = {q["scale"]: q for q in scale_quantiles(records, metric)}
         vectors = vector_means(records, metric)
-        out[metric] = {
-            "quantiles": [quantiles[scale] for scale in scales],
+        out[metric] = {  # a scale where nothing has a score gets null
+            "quantiles": [quantiles.get(scale) for scale in scales],
             "vectors": {str(i): _aligned(per, scales) for i, per in vectors.items()},
         }
     return out
+
+
+def _empty(record: dict) -> bool:
+    """Scored, but with no token to score (an empty response)."""
+    return not record.get("unscored") and record.get("mean_logprob") is None
 
 
 def _example(record: dict) -> dict:
@@ -63,8 +67,9 @@ def build_payload(records: list[dict], *, top_n: int, run_name: str, config: dic
             at_scale = list(firsts.values())
         lists = {}
         for name, metric in (("total", "total_logprob"), ("mean", "mean_logprob")):
-            worst = sorted(at_scale, key=lambda r, m=metric: (r[m], r["noise_id"],
-                                                              r["prompt_index"]))[:top_n]
+            ranked = [r for r in at_scale if r.get(metric) is not None]  # unscored: no rank
+            worst = sorted(ranked, key=lambda r, m=metric: (r[m], r["noise_id"],
+                                                            r["prompt_index"]))[:top_n]
             chosen = []
             for record in worst:
                 key = (record["noise_id"], scale, record["prompt_index"])
@@ -81,7 +86,9 @@ def build_payload(records: list[dict], *, top_n: int, run_name: str, config: dic
         "run": run_name, "model": config.get("model_name"),
         "reference_model": records[0].get("reference_model") if records else None,
         "layer_index": config.get("layer_index"), "site": config.get("site", "resid_pre"),
-        "n_records": len(records), "scales": scales, "page_size": PAGE_SIZE,
+        "n_records": len(records), "n_empty": sum(_empty(r) for r in records),
+        "n_unscored": sum(bool(r.get("unscored")) for r in records),
+        "scales": scales, "page_size": PAGE_SIZE,
         "chart": _chart(records, scales), "examples": examples,
         "ranking": ranking, "vectors": drops,
     }
@@ -117,11 +124,7 @@ def run_viz(run_dir: str | Path, *, top_n: int = 100) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from residlab.cli import main as cli_main
-
-    return cli_main(["noise", "viz", *(sys.argv[1:] if argv is None else argv)])
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from residlab.cli import run_module
+
+    raise SystemExit(run_module("noise", "viz"))

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from residlab.errors import NotFound, UsageError
+from residlab.store import read_lines
 
 __all__ = ["TraitData", "available_traits", "find_trait", "load_trait"]
 
@@ -50,7 +51,7 @@ def find_trait(name: str) -> Path:
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise UsageError(f"trait file {path} is missing")
-    return [line.strip() for line in path.read_text("utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_lines(path) if line.strip()]
 
 
 def load_trait(name: str) -> TraitData:
