@@ -117,7 +117,7 @@ def test_project_layer_minus_one_and_snap_metadata(experiment, tiny_llama):
     h = raw["response"]["activations"][3]["residual"].double().numpy()
     unit = (vector / vector.norm()).double().numpy()
     np.testing.assert_allclose(record["projections"]["response"], h @ unit, atol=1e-4)
-    project_prompt_set(experiment, SET, layer="2", calibration=False)
+    project_prompt_set(experiment, SET, layer="2", calibration=False, skip_existing=True)
     source = _projection(experiment)["metadata"]["vector_source"]
     assert (source["layer"], source["requested_layer"]) == (1, 2)
 
@@ -184,7 +184,8 @@ def test_skip_existing_recaptures_files_that_hold_something_else(experiment, tin
 
 def test_skip_existing_recaptures_when_the_tokens_changed(experiment, tiny_llama):
     _capture(experiment, tiny_llama, layers="1")
-    generate_responses(experiment, SET, max_new_tokens=6, limit=2, loaded=tiny_llama)
+    generate_responses(experiment, SET, max_new_tokens=6, limit=2, loaded=tiny_llama,
+                       skip_existing=True)
     result = capture_prompt_set(experiment, SET, layers="1", dtype="fp32", loaded=tiny_llama,
                                 skip_existing=True)
     assert len(result.written) == 2

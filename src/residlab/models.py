@@ -32,6 +32,7 @@ __all__ = [
     "library_versions",
     "load_model",
     "load_tokenizer",
+    "model_source",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -190,6 +191,12 @@ def _save_dequantised(model, tokenizer, folder: Path) -> None:
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def model_source(name: str | None) -> tuple[str, dict[str, Any]]:
+    """``(path to load from, provenance)`` of a model name without loading its weights: the
+    identity a file records (hub id, local folder + config hash, embedded file's sha256)."""
+    return _source(name)
 
 
 def _source(name: str | None) -> tuple[str, dict[str, Any]]:

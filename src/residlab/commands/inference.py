@@ -100,6 +100,8 @@ class ProjectOptions(ExperimentOptions):
     no_calibration: bool = option(False, "do not embed massive-dims values")
     centered: bool = option(False, "subtract the vector's baseline")
     clean_massive_dims: bool = option(False, "also projections with the massive dims removed")
+    output_suffix: str | None = option(None, "write to projections/{trait}/{prompt_set}_{suffix}"
+                                       " (keeps projections made with other settings)")
 
 
 class CalibrateOptions(ExperimentOptions):
@@ -151,7 +153,8 @@ def run_responses(options: ResponsesOptions) -> None:
         temperature=options.temperature, prefill=options.prefill,
         from_responses=options.from_responses, skip_existing=options.skip_existing,
         limit=options.limit, output_suffix=options.output_suffix,
-        batch_size=options.batch_size, loaded=loaded)
+        batch_size=options.batch_size, generation_defaults=options.generation_defaults,
+        loaded=loaded)
     if written:
         record_command(written[0].parent, "responses", options, loaded)
     folder = written[0].parent if written else "(nothing new to write)"
@@ -186,7 +189,7 @@ def run_project(options: ProjectOptions) -> None:
         method=options.method, component=options.component, position=options.position,
         extraction_variant=options.extraction_variant, skip_existing=options.skip_existing,
         calibration=not options.no_calibration, centered=options.centered,
-        clean_massive_dims=options.clean_massive_dims)
+        clean_massive_dims=options.clean_massive_dims, output_suffix=options.output_suffix)
     for folder in sorted({path.parent for path in written}):
         record_command(folder, "project", options)
     print(f"projections: {len(written)} written")
