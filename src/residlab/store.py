@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ import yaml
 
 from residlab.errors import UsageError
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "BadLine",
     "append_jsonl",
@@ -40,6 +43,7 @@ __all__ = [
     "read_jsonl",
     "read_jsonl_tolerant",
     "read_lines",
+    "remove_stale_temps",
     "write_json",
     "write_jsonl",
     "write_npy",
@@ -48,18 +52,79 @@ __all__ = [
 ]
 
 
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+_swept: set[Path] = set()
+
+
+def _temp_for(target: Path) -> Path:
+    """``.name.<pid>.<random>.tmp`` beside ``target``: the pid tells a later run whether the
+    writer is still alive (see :func:`remove_stale_temps`)."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22  # exists but is not ours / not a pid at all
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete temp files in ``folder`` left by writers that no longer run (a killed job);
+    returns how many. Called once per folder and process by the writers below."""
+    folder = Path(folder)
+    removed = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            match = _TEMP_NAME.match(entry.name)
+            if match and entry.is_file() and not _pid_alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    if removed:
+        log.info("removed %d temp file(s) left in %s by a stopped run", removed, folder)
+    return removed
+
+
+def _open_temp(target: Path) -> tuple[int, Path]:
+    """Create the temp file (mode 0666 less the umask, like any file the user makes)."""
+    if target.parent not in _swept:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target.parent)
+        _swept.add(target.parent)
+    temp = _temp_for(target)
+    try:
+        return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
+    except FileNotFoundError:  # the folder was removed since: make it again
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
+
+
+def _user_file_mode() -> int:
+    """0666 less the process umask (read without changing it where Linux allows)."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it onto ``target`` on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    handle, temp = _open_temp(Path(target))
     os.close(handle)
     try:
-        yield Path(temp)
+        yield temp
+        os.chmod(temp, _user_file_mode())  # writers such as safetensors create theirs 0600
         os.replace(temp, target)
     finally:
-        if os.path.exists(temp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
 
 
@@ -67,12 +132,7 @@ def write_bytes(target: str | Path, data: bytes) -> None:
     """Write ``data`` to a unique temp file beside ``target`` and rename it into place
     (one open, one write, one rename: cheap enough for thousands of small files)."""
     target = Path(target)
-    temp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileNotFoundError:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    handle, temp = _open_temp(target)
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
