@@ -89,7 +89,7 @@ def _corrupt_capture(ctx: Ctx) -> list[str]:
 
     ctx.responses()
     result = capture_prompt_set(load_experiment("exp"), "baseline", dtype="fp32")
-    victim = sorted(result.out_dir.glob("*.safetensors"))[0]
+    victim = sorted(result.out_dir.glob("*.safetensors"))[-1]  # the last: nothing before it
     victim.write_bytes(victim.read_bytes()[:-100])
     ctx.vector(64)
     return ["project", *ctx.experiment(), "--prompt-set", "baseline", "--layer", "1",
