@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -120,6 +121,7 @@ def test_browser_drives_the_viewer(viz_run):
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.on("dialog", lambda dialog: errors.append("dialog: " + dialog.message))
             page.goto(page_path.as_uri())
+            _check_reader_aids(page, viz_run[0])
             assert page.locator("#chart rect").count() == 3
             assert page.locator("#chart polyline").count() == 3
             assert page.locator("#scale").input_value() == "9"  # largest scale first
@@ -187,3 +189,157 @@ def test_null_scores_are_left_out_of_rankings_and_stats(viz_run):
         assert quantiles[nine]["q"][2] == pytest.approx(np.median(values))
     html = render_html(payload)
     assert '"n_unscored": 1' in html
+
+
+def _records_of(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "eval_logprobs.jsonl").read_text().splitlines()]
+
+
+def _tick_x(page) -> dict[float, float]:
+    ticks = page.locator("#chart .xtick")
+    return {float(ticks.nth(i).get_attribute("data-value")): float(ticks.nth(i).get_attribute("x1"))
+            for i in range(ticks.count())}
+
+
+def _check_reader_aids(page, run_dir: Path) -> None:
+    """Axis, legends, header and the unnoised answer, as a researcher reads them."""
+    import yaml
+
+    ticks = _tick_x(page)  # norms 0, 2, 9: positions proportional to the values
+    assert sorted(ticks) == [0.0, 2.0, 9.0]
+    assert (ticks[2.0] - ticks[0.0]) / (ticks[9.0] - ticks[0.0]) == pytest.approx(2 / 9, abs=1e-3)
+    assert page.locator("#x-title").text_content() == "noise norm"
+    assert page.locator("#y-title").text_content().startswith("total log-prob")
+    legend = page.locator("#vector-legend").inner_text()
+    assert all(f"{i:04d}" in legend for i in range(3))
+    colours = {page.locator(f'#chart polyline[data-noise="{i}"]').get_attribute("stroke")
+               for i in range(3)}
+    assert len(colours) == 3  # one colour per named vector
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    fields = {page.locator(".field .label").nth(i).inner_text().lower():
+              page.locator(".field .value").nth(i).inner_text()
+              for i in range(page.locator(".field").count())}
+    assert fields["model"] == config["provenance"]["model"]
+    assert (fields["layer"], fields["site"], fields["positions"]) == ("1", "resid_pre", "all")
+    assert fields["generations"] == str(6 + 6 * 3 * 2)  # norm 0 once per prompt
+    assert "42 distinct generations" in page.locator("#count-note").inner_text()
+    colour_words = page.locator("#legend").inner_text()
+    assert "likely under the reference model" in colour_words and "very unlikely" in colour_words
+    # Every noised card shows the norm-0 answer to its prompt, coloured token by token.
+    records = _records_of(run_dir)
+    cards = page.locator(".card")
+    assert cards.count() > 0
+    for i in range(cards.count()):
+        prompt = int(cards.nth(i).get_attribute("data-prompt"))
+        zero = next(r for r in records if r["noise_scale"] == 0 and r["prompt_index"] == prompt)
+        tokens = cards.nth(i).locator(".unnoised .tok")
+        assert [tokens.nth(j).text_content() for j in range(tokens.count())] == zero["tokens"]
+        assert [float(tokens.nth(j).get_attribute("data-logprob"))
+                for j in range(tokens.count())] == pytest.approx(zero["per_token_logprobs"])
+    page.check("#rank-mean")
+    assert page.locator("#y-title").text_content() == "mean log-prob per token"
+    page.check("#rank-total")
+
+
+def test_x_axis_is_numeric_and_symlog_across_decades():
+    import numpy as np
+
+    from residlab.noising.viz import x_axis
+
+    linear = x_axis([0.0, 32.0, 128.0])
+    assert linear["kind"] == "linear"
+    assert linear["positions"] == pytest.approx([0.0, 0.25, 1.0])
+    scales = [0.0, 1.0, 10.0, 100.0, 1000.0]
+    wide = x_axis(scales)
+    oracle = np.log10(1 + np.array(scales))  # symlog with a linear part up to the first norm
+    assert wide["kind"] == "symlog"
+    assert wide["positions"] == pytest.approx(list(oracle / oracle[-1]))
+    assert [t["value"] for t in wide["ticks"]] == scales  # labels at the real values
+    assert x_axis([5.0])["positions"] == [0.5]
+
+
+def test_payload_counts_distinct_generations_and_names_the_model(viz_run):
+    run_dir, _ = viz_run
+    records = _records_of(run_dir)
+    config = {"model_name": "default", "layer_index": 1, "dtype": "bf16", "positions": "prompt",
+              "provenance": {"model": "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, embedded)"}}
+    payload = build_payload(records, top_n=5, run_name="r", config=config)
+    assert payload["model"] == config["provenance"]["model"]
+    assert (payload["dtype"], payload["positions"]) == ("bf16", "prompt")
+    assert payload["reference_model"] == records[0]["settings"]["reference"].rsplit("@", 1)[0]
+    distinct = {(r["prompt_index"], r["noise_scale"], 0 if r["noise_scale"] == 0 else r["noise_id"])
+                for r in records}
+    assert payload["n_records"] == len(records) == 54
+    assert payload["n_generations"] == len(distinct) == 42
+    sampled = build_payload(records, top_n=5, run_name="r", config={"do_sample": True})
+    assert sampled["n_generations"] == len(records)  # sampled norm-0 answers differ per vector
+
+
+def test_payload_has_the_unnoised_answer_for_each_noised_card(viz_run):
+    run_dir, _ = viz_run
+    records = _records_of(run_dir)
+    payload = build_payload(records, top_n=3, run_name="r", config={})
+    noised = [ex for ex in payload["examples"] if ex["noise_scale"] != 0]
+    assert noised
+    for ex in noised:
+        base = payload["unnoised"][str(ex["prompt_index"])]
+        zero = [r for r in records if r["noise_scale"] == 0
+                and r["prompt_index"] == ex["prompt_index"]]
+        assert base["noise_scale"] == 0 and base["tokens"] == zero[0]["tokens"]
+        assert base["per_token_logprobs"] == zero[0]["per_token_logprobs"]
+    no_zero = [r for r in records if r["noise_scale"] != 0]
+    assert build_payload(no_zero, top_n=3, run_name="r", config={})["unnoised"] == {}
+
+
+def _synthetic(scales: list[float], n_vectors: int) -> list[dict]:
+    """Records shaped like eval's, with whitespace tokens and a vector that hurts more."""
+    out = []
+    for noise_id in range(n_vectors):
+        for scale in scales:
+            mean = -0.1 - scale * (1 + noise_id) / 100
+            tokens = ["Hi", " ", "\n", "the", "  ", "re\nx", ""]
+            out.append({"noise_id": noise_id, "noise_scale": scale, "prompt_index": 0,
+                        "messages": [{"role": "user", "content": "hello"}], "tokens": tokens,
+                        "per_token_logprobs": [mean] * len(tokens), "n_tokens": len(tokens),
+                        "total_logprob": mean * len(tokens), "mean_logprob": mean,
+                        "finish_reason": "length"})
+    return out
+
+
+def test_browser_wide_sweep_many_vectors_and_whitespace(tmp_path):
+    scales = [0.0, 1.0, 10.0, 100.0]
+    pages = {}
+    for name, records in (("wide", _synthetic(scales, 10)),
+                          ("no_zero", _synthetic([2.0, 8.0], 2))):
+        pages[name] = tmp_path / f"{name}.html"
+        pages[name].write_text(render_html(build_payload(records, top_n=5, run_name=name,
+                                                         config={})))
+    with _browser() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1400})
+            page.goto(pages["wide"].as_uri())
+            ticks = _tick_x(page)
+            assert sorted(ticks) == scales
+            share = [(ticks[s] - ticks[0.0]) / (ticks[100.0] - ticks[0.0]) for s in scales]
+            oracle = [math.log10(1 + s) / math.log10(101) for s in scales]
+            assert share == pytest.approx(oracle, abs=1e-3)
+            assert "log scale" in page.locator("#x-title").text_content()
+            named = page.locator("#vector-legend .vitem[data-noise]")
+            assert [int(named.nth(i).get_attribute("data-noise"))
+                    for i in range(named.count())] == [9, 8, 7, 6, 5, 4]  # worst first
+            assert "4 other vectors" in page.locator("#vector-legend .others").inner_text()
+            token = page.locator(".noised .tok").nth(1)  # " ": a dot shown, a space copied
+            assert token.text_content() == " "
+            assert token.locator(".ws").evaluate(
+                "e => getComputedStyle(e, '::before').content") == '"\u00b7"'
+            newline = page.locator(".noised .tok").nth(2)
+            assert newline.text_content() == "\n"
+            assert newline.locator(".ws.nl").count() == 1
+            assert page.locator(".noised .tok").nth(3).locator(".ws").count() == 0  # "the"
+            assert page.locator(".noised .tok").nth(5).locator(".ws").count() == 1  # "re\nx"
+            assert page.locator(".noised").first.locator(".tok.blank").count() == 1
+            page.goto(pages["no_zero"].as_uri())
+            assert "no norm 0" in page.locator(".card .unnoised").first.inner_text()
+        finally:
+            browser.close()

@@ -11,6 +11,8 @@ prompt containing markup shows as text and runs nothing.
 from __future__ import annotations
 
 import json
+import math
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -20,23 +22,70 @@ from residlab.noising.runs import RunDir
 from residlab.noising.stats import METRICS, scale_quantiles, vector_drops, vector_means
 from residlab.store import read_jsonl, write_text
 
-__all__ = ["build_payload", "render_html", "run_viz"]
+__all__ = ["build_payload", "render_html", "run_viz", "x_axis"]
 
 PAGE_SIZE = 10
+MIN_TICK_GAP = 0.045  # fraction of the axis width between two labelled ticks
+DIGEST = re.compile(r"@[0-9a-f]{7,64}$")  # the file hash that scoring settings append
 
 
 def _aligned(per_scale: dict[float, float], scales: list[float]) -> list[float | None]:
     return [per_scale.get(scale) for scale in scales]
 
 
-def _chart(records: list[dict], scales: list[float]) -> dict:
+def _symlog(value: float, constant: float) -> float:
+    """Logarithmic for |value| >> constant, linear near 0, so a zero norm still has a place."""
+    return math.copysign(math.log10(1 + abs(value) / constant), value)
+
+
+def x_axis(scales: list[float]) -> dict:
+    """Where each noise norm sits on the chart's x axis, as a fraction of its width.
+
+    Positions are proportional to the norms; when the positive norms span a decade or more
+    the axis is symlog instead (log for large norms, linear through 0), so 1, 10 and 100 do
+    not crowd into the left edge. Ticks are the norms themselves, thinned where they would
+    overlap.
+    """
+    positive = [s for s in scales if s > 0]
+    log_like = len(positive) > 1 and max(positive) / min(positive) >= 10
+    constant = min(positive) if log_like else 1.0
+    mapped = [_symlog(s, constant) if log_like else s for s in scales]
+    lo, hi = (min(mapped), max(mapped)) if mapped else (0.0, 0.0)
+    positions = [0.5 if hi == lo else (m - lo) / (hi - lo) for m in mapped]
+    ticks: list[dict] = []
+    for scale, pos in zip(scales, positions, strict=True):
+        if not ticks or pos - ticks[-1]["pos"] >= MIN_TICK_GAP:
+            ticks.append({"value": scale, "pos": pos})
+    return {"kind": "symlog" if log_like else "linear", "constant": constant,
+            "positions": positions, "ticks": ticks}
+
+
+def _distinct(records: list[dict], share_zero: bool) -> list[dict]:
+    """One record per generation: under greedy decoding every vector's zero-norm row is the
+    same generation, so each prompt's scale-0 rows count once (the lowest noise id)."""
+    if not share_zero:
+        return records
+    firsts: dict[int, dict] = {}
+    rest = []
+    for record in sorted(records, key=lambda r: r["noise_id"]):
+        if float(record["noise_scale"]) == 0:
+            firsts.setdefault(record["prompt_index"], record)
+        else:
+            rest.append(record)
+    return list(firsts.values()) + rest
+
+
+def _chart(records: list[dict], distinct: list[dict], scales: list[float]) -> dict:
     out = {}
     for metric in METRICS:
-        quantiles = {q["scale"]: q for q in scale_quantiles(records, metric)}
+        # Boxes describe generations, so a shared zero-norm answer is one point, not V.
+        quantiles = {q["scale"]: q for q in scale_quantiles(distinct, metric)}
         vectors = vector_means(records, metric)
+        ranked = [drop["noise_id"] for drop in vector_drops(records, metric)]
         out[metric] = {  # a scale where nothing has a score gets null
             "quantiles": [quantiles.get(scale) for scale in scales],
             "vectors": {str(i): _aligned(per, scales) for i, per in vectors.items()},
+            "worst": ranked + sorted(set(vectors) - set(ranked)),  # no drop: last
         }
     return out
 
@@ -48,23 +97,18 @@ def _empty(record: dict) -> bool:
 
 def _example(record: dict) -> dict:
     keys = ("noise_id", "noise_scale", "prompt_index", "messages", "tokens",
-            "per_token_logprobs", "total_logprob", "mean_logprob", "n_tokens", "finish_reason")
+            "per_token_logprobs", "total_logprob", "mean_logprob", "n_tokens", "finish_reason",
+            "unscored")
     return {key: record.get(key) for key in keys}
 
 
-def build_payload(records: list[dict], *, top_n: int, run_name: str, config: dict) -> dict:
-    """Everything the page shows: chart data, the top_n worst per scale, the vector table."""
-    scales = sorted({float(r["noise_scale"]) for r in records})
+def _rankings(records: list[dict], scales: list[float], top_n: int, share_zero: bool):
+    """Per scale, the top_n worst (indices into the returned examples) by total and mean."""
     examples: list[dict] = []
     index: dict[tuple, int] = {}
     ranking = []
     for scale in scales:
         at_scale = [r for r in records if float(r["noise_scale"]) == scale]
-        if scale == 0:  # a zero vector is no vector: one card per prompt, not per vector
-            firsts = {}
-            for record in sorted(at_scale, key=lambda r: r["noise_id"]):
-                firsts.setdefault(record["prompt_index"], record)
-            at_scale = list(firsts.values())
         lists = {}
         for name, metric in (("total", "total_logprob"), ("mean", "mean_logprob")):
             ranked = [r for r in at_scale if r.get(metric) is not None]  # unscored: no rank
@@ -75,22 +119,59 @@ def build_payload(records: list[dict], *, top_n: int, run_name: str, config: dic
                 key = (record["noise_id"], scale, record["prompt_index"])
                 if key not in index:
                     index[key] = len(examples)
-                    examples.append({**_example(record), "any_noise": scale == 0})
+                    examples.append({**_example(record), "any_noise": scale == 0 and share_zero})
                 chosen.append(index[key])
             lists[name] = chosen
         ranking.append(lists)
+    return examples, ranking
+
+
+def _unnoised(distinct: list[dict], examples: list[dict]) -> dict[str, dict]:
+    """The scale-0 answer to each prompt that a shown card asks, keyed by prompt index."""
+    wanted = {ex["prompt_index"] for ex in examples if float(ex["noise_scale"]) != 0}
+    out: dict[str, dict] = {}
+    for record in sorted(distinct, key=lambda r: r["noise_id"]):
+        if float(record["noise_scale"]) == 0 and record["prompt_index"] in wanted:
+            out.setdefault(str(record["prompt_index"]), _example(record))
+    return out
+
+
+def _reference(records: list[dict]) -> str | None:
+    """The scorer's model id as scoring recorded it (the hub id or file, not 'default')."""
+    if not records:
+        return None
+    named = (records[0].get("settings") or {}).get("reference")
+    return DIGEST.sub("", named) if named else records[0].get("reference_model")
+
+
+def _header(config: dict, records: list[dict]) -> dict:
+    provenance = config.get("provenance") or {}
+    settings = (records[0].get("settings") or {}) if records else {}
+    return {"model": provenance.get("model") or config.get("model_name"),
+            "reference_model": _reference(records), "reference_dtype": settings.get("dtype"),
+            "layer_index": config.get("layer_index"), "site": config.get("site", "resid_pre"),
+            "positions": config.get("positions", "all"), "dtype": config.get("dtype"),
+            "do_sample": bool(config.get("do_sample", False))}
+
+
+def build_payload(records: list[dict], *, top_n: int, run_name: str, config: dict) -> dict:
+    """Everything the page shows: chart data, the top_n worst per scale, the vector table."""
+    scales = sorted({float(r["noise_scale"]) for r in records})
+    share_zero = not config.get("do_sample", False)
+    distinct = _distinct(records, share_zero)
+    examples, ranking = _rankings(distinct, scales, top_n, share_zero)
     drops = vector_drops(records)
     for drop in drops:
         drop["per_scale"] = _aligned(drop["per_scale"], scales)
     return {
-        "run": run_name, "model": config.get("model_name"),
-        "reference_model": records[0].get("reference_model") if records else None,
-        "layer_index": config.get("layer_index"), "site": config.get("site", "resid_pre"),
-        "n_records": len(records), "n_empty": sum(_empty(r) for r in records),
-        "n_unscored": sum(bool(r.get("unscored")) for r in records),
-        "scales": scales, "page_size": PAGE_SIZE,
-        "chart": _chart(records, scales), "examples": examples,
-        "ranking": ranking, "vectors": drops,
+        "run": run_name, **_header(config, records),
+        "n_records": len(records), "n_generations": len(distinct),
+        "n_vectors": len({r["noise_id"] for r in records}), "shared_zero": share_zero,
+        "n_empty": sum(_empty(r) for r in distinct),
+        "n_unscored": sum(bool(r.get("unscored")) for r in distinct),
+        "scales": scales, "x_axis": x_axis(scales), "page_size": PAGE_SIZE,
+        "chart": _chart(records, distinct, scales), "examples": examples,
+        "unnoised": _unnoised(distinct, examples), "ranking": ranking, "vectors": drops,
     }
 
 
