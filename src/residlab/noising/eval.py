@@ -190,7 +190,8 @@ def _scored(record: dict, ids: list[int], logprobs: list[float], ref: LoadedMode
         "tokens": [ref.tokenizer.decode([token]) for token in ids],
         "assistant_text": record["assistant_text"], "messages": record["messages"],
         "finish_reason": record.get("finish_reason"),
-        "reference_model": ref.name, "scoring": settings["scoring"], "settings": settings,
+        "reference_model": ref.provenance.get("model", ref.name),  # the real id, not "default"
+        "scoring": settings["scoring"], "settings": settings,
     }
     if unscored:
         out["unscored"] = unscored
