@@ -42,8 +42,10 @@ __all__ = [
     "parse_jsonl",
     "read_jsonl",
     "read_jsonl_tolerant",
+    "publish_dir",
     "read_lines",
     "remove_stale_temps",
+    "staging_dir",
     "write_json",
     "write_jsonl",
     "write_npy",
@@ -264,12 +266,47 @@ def new_timestamped_dir(parent: str | Path) -> Path:
     """Create ``parent/<YYYYmmdd-HHMMSS>`` (with a suffix if that name is taken)."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        path = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+    for path in _timestamped_names(parent):
         try:
             path.mkdir()
             return path
         except FileExistsError:
             continue
     raise RuntimeError(f"cannot create a new run directory under {parent}")
+
+
+def _timestamped_names(parent: Path) -> Iterator[Path]:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        yield parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+
+
+def staging_dir(parent: str | Path) -> Path:
+    """A fresh ``parent/.staging-<pid>-<random>`` to build a directory in before it is
+    published whole (:func:`publish_dir`); staging folders of writers that no longer run
+    (killed mid-way) are removed first."""
+    import shutil
+
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for entry in parent.glob(".staging-*"):
+        pid = entry.name.removeprefix(".staging-").split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("removed %s, left by a stopped run", entry)
+    path = parent / f".staging-{os.getpid()}-{secrets.token_hex(4)}"
+    path.mkdir()
+    return path
+
+
+def publish_dir(staging: str | Path, parent: str | Path) -> Path:
+    """Rename a finished staging folder to ``parent/<YYYYmmdd-HHMMSS>``: the run directory
+    appears whole or not at all."""
+    for path in _timestamped_names(Path(parent)):
+        try:
+            os.rename(staging, path)
+            return path
+        except OSError:
+            if not path.exists():
+                raise
+    raise RuntimeError(f"cannot name a new directory under {parent}")

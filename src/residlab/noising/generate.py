@@ -38,7 +38,7 @@ from residlab.noising.noise import (
 from residlab.noising.runs import RunDir, WorkRow, plan_shards
 from residlab.progress import progress
 from residlab.prompts import ChatPrompt, iter_conversations, prepare_prompts
-from residlab.store import new_timestamped_dir, read_jsonl, write_jsonl, write_npy, write_yaml
+from residlab.store import publish_dir, read_jsonl, staging_dir, write_jsonl, write_npy, write_yaml
 
 __all__ = ["generate_shard", "load_run_prompts", "run_generate"]
 
@@ -143,20 +143,21 @@ def _start(cfg: NoisingConfig, loaded: LoadedModel, arch: Arch, cov_sqrt: str | 
     check_context(loaded.model, max(len(p.token_ids) for p in prompts), cfg.max_new_tokens)
     matrix, shaping, path = _shaping(cfg, loaded, arch, cov_sqrt)
     noises = noise_vectors(cfg.seed, cfg.num_noise_vectors, arch.d_model, matrix)  # (V, D)
-    run = RunDir(new_timestamped_dir(cfg.output_dir))
+    staging = RunDir(staging_dir(cfg.output_dir))
     try:
-        write_jsonl(run.prompts_file, [prompt.to_json() for prompt in prompts])
+        write_jsonl(staging.prompts_file, [prompt.to_json() for prompt in prompts])
         for noise_id, vector in enumerate(noises):
-            write_npy(run.noise_file(noise_id), vector)
+            write_npy(staging.noise_file(noise_id), vector)
         # The resolved file, so this config used again shapes with it after newer estimates.
         resolved = {"cov_sqrt_path": str(path)} if path is not None else {}
         provenance = {**loaded.provenance, "seed": cfg.seed,
                       "generation": _generation_settings(loaded, cfg)}
-        # config.yaml last: its presence marks a run that can be resumed.
-        write_yaml(run.config_file, {**cfg.model_dump(), **resolved, "noise_shaping": shaping,
-                                     "provenance": provenance})
-    except BaseException:  # a full disk or a kill here: leave no run that cannot resume
-        shutil.rmtree(run.path, ignore_errors=True)
+        write_yaml(staging.config_file, {**cfg.model_dump(), **resolved,
+                                         "noise_shaping": shaping, "provenance": provenance})
+        # The run directory appears whole (config.yaml included) or not at all.
+        run = RunDir(publish_dir(staging.path, cfg.output_dir))
+    except BaseException:  # a full disk: leave nothing behind (a kill: the next start cleans)
+        shutil.rmtree(staging.path, ignore_errors=True)
         raise
     log.info("noise shaping: %s", shaping.get("cov_sqrt") or shaping["reason"])
     return run, prompts, noises
