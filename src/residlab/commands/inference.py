@@ -85,6 +85,8 @@ class CaptureOptions(PromptSetOptions):
     responses_from: str | None = option(None, "run this variant on another variant's tokens "
                                         "(model diff)")
     dtype: StorageDType = option("bf16", "storage dtype of the saved activations")
+    batch_size: int | None = Field(None, ge=1, description="prompts per forward pass "
+                                   "(default: as many as the memory budget allows)")
 
 
 class ProjectOptions(ExperimentOptions):
