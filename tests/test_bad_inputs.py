@@ -186,6 +186,24 @@ CASES = [
         "responses", *c.experiment(), "--prompt-set", "baseline", "--steer",
         "test/cheer:1:4"])[1], "hidden size"),
     Case("corrupt capture file", _corrupt_capture, "corrupted or truncated"),
+    # --- extract-viz ---
+    Case("extract-viz with nothing to extract", lambda c: [
+        "extract-viz", *c.experiment(), "--prompt-set", "baseline"], "nothing to extract"),
+    Case("extract-viz without a prompt set", lambda c: [
+        "extract-viz", *c.experiment(), "--logit-lens"], "give --prompt-set"),
+    Case("extract-viz before responses", lambda c: [
+        "extract-viz", *c.experiment(), "--prompt-set", "baseline", "--attention"],
+         "no response JSONs"),
+    Case("extract-viz layer out of range", lambda c: (c.responses(), [
+        "extract-viz", *c.experiment(), "--prompt-set", "baseline", "--logit-lens",
+        "--layers", "3,5"])[1], "layer 5 is out of range"),
+    Case("extract-viz response whose prompt_end disagrees", lambda c: (
+        c.responses(), c.file("experiments/exp/inference/base/responses/baseline/9.json",
+                              json.dumps({"token_ids": [5, 6], "prompt_end": 4})), [
+        "extract-viz", *c.experiment(), "--prompt-set", "baseline", "--logit-lens"])[2],
+         "9.json: needs 'token_ids'"),
+    Case("vector lens without vectors", lambda c: [
+        "extract-viz", *c.experiment(), "--vectors", "--traits", "test/none"], "test/none"),
     # --- trait vectors ---
     Case("unknown trait", lambda c: ["extract", *c.experiment(), "--traits", "test/nothing"],
          "no data for trait 'test/nothing'"),

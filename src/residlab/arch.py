@@ -40,6 +40,7 @@ class Layout:
     final_norm: str  # relative to body
     attn: str | None  # relative to a block: module whose output is the attention contribution
     mlp: str | None  # relative to a block: module whose output is the MLP contribution
+    attention: str | None = "self_attn"  # relative to a block: returns (output, weights)
 
 
 _PRE_NORM = Layout("model", "layers", "norm", "self_attn", "mlp")
@@ -62,8 +63,9 @@ LAYOUTS: dict[str, Layout] = {
         "model.language_model", "layers", "norm", "post_attention_layernorm",
         "post_feedforward_layernorm",
     ),
-    "gpt2": Layout("transformer", "h", "ln_f", "attn", "mlp"),
-    "gpt_neox": Layout("gpt_neox", "layers", "final_layer_norm", "attention", "mlp"),
+    "gpt2": Layout("transformer", "h", "ln_f", "attn", "mlp", "attn"),
+    "gpt_neox": Layout("gpt_neox", "layers", "final_layer_norm", "attention", "mlp",
+                       "attention"),
 }
 
 
@@ -104,6 +106,7 @@ class Arch:
     mlp_name: str | None
     d_model: int
     logit_softcap: float | None = None  # Gemma2/3 squash final logits with tanh
+    attention_name: str | None = None  # relative to a block: the attention module itself
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final-normed hidden states ``(..., D) -> (..., V)``, as the LM head does."""
@@ -136,6 +139,19 @@ class Arch:
                 "use resid_pre or resid_post"
             )
         return _get(block, name)
+
+    def attention_module(self, layer: int) -> nn.Module:
+        """The attention module of block ``layer``: it returns ``(output, weights)``, where
+        weights exist only under an implementation that computes them (eager)."""
+        block = self.blocks[self.normalize_layer(layer)]
+        try:
+            return _get(block, self.attention_name or "")
+        except AttributeError:
+            raise UsageError(
+                f"cannot find the attention module of {type(block).__name__} in family "
+                f"{self.family!r} (looked for {self.attention_name!r}); add it to "
+                "residlab.arch.LAYOUTS"
+            ) from None
 
 
 def _text_config(model: nn.Module):
@@ -189,4 +205,5 @@ def resolve_arch(model: nn.Module, layers_path: str | None = None) -> Arch:
         mlp_name=layout.mlp,
         d_model=_hidden_size(lm),
         logit_softcap=getattr(_text_config(lm), "final_logit_softcapping", None),
+        attention_name=layout.attention,
     )

@@ -36,6 +36,7 @@ from residlab.errors import NotFound, UsageError
 __all__ = [
     "POSITIONS",
     "Add",
+    "AttentionPattern",
     "Capture",
     "Intervention",
     "InterventionHandle",
@@ -93,7 +94,28 @@ class Capture:
         self.masks.clear()
 
 
-Intervention = Add | Capture
+@dataclass
+class AttentionPattern:
+    """Record the attention weights of block ``layer``, one ``(B, H, T, S)`` chunk per forward
+    (one pattern per query head, GQA included; ``S`` counts the keys, cached ones too).
+
+    Only an implementation that computes the weights returns them (eager); SDPA and flash
+    attention return ``None`` and the hook raises rather than record nothing. Chunks are moved
+    to ``device`` and cast to ``dtype`` as they arrive, so one layer's weights at a time are
+    held at full precision on the model's device.
+    """
+
+    layer: int
+    device: str | torch.device | None = None
+    dtype: torch.dtype | None = None
+    positions: Positions = "all"  # the weights of every query row are kept
+    chunks: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+
+    def clear(self) -> None:
+        self.chunks.clear()
+
+
+Intervention = Add | Capture | AttentionPattern
 
 
 class _ForwardState:
@@ -243,6 +265,22 @@ def _transform(state: _ForwardState, intervention: Intervention):
     return apply
 
 
+def _pattern_hook(intervention: AttentionPattern, module: nn.Module):
+    def post_hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise UsageError(
+                f"{type(mod).__name__} (layer {intervention.layer}) returned no attention "
+                "weights: its implementation does not compute them; run it with "
+                "attn_implementation='eager' (residlab.inference.attention.eager_attention)"
+            )
+        intervention.chunks.append(weights.detach().to(intervention.device or weights.device,
+                                                       intervention.dtype or weights.dtype))
+        return output
+
+    return module.register_forward_hook(post_hook)
+
+
 def _register(module: nn.Module, site: str, apply) -> RemovableHandle:
     if site == "resid_pre":
 
@@ -313,6 +351,10 @@ def apply_interventions(
     )]
     try:
         for intervention in interventions:
+            if isinstance(intervention, AttentionPattern):
+                module = arch.attention_module(intervention.layer)
+                handles.append(_pattern_hook(intervention, module))
+                continue
             module = arch.site_module(intervention.layer, intervention.site)
             handles.append(_register(module, intervention.site, _transform(state, intervention)))
     except BaseException:

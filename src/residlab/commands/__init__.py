@@ -43,6 +43,8 @@ COMMANDS: list[Command] = [
             inference.CaptureOptions, inference.run_capture),
     Command(("project",), "project captures onto trait vectors",
             inference.ProjectOptions, inference.run_project),
+    Command(("extract-viz",), "logit lens and attention per token, or of trait vectors",
+            inference.ExtractVizOptions, inference.run_extract_viz),
     Command(("calibrate",), "massive-dims calibration",
             inference.CalibrateOptions, inference.run_calibrate),
     Command(("extract",), "extract trait vectors from contrastive data",

@@ -19,12 +19,14 @@ __all__ = [
     "CalibrateOptions",
     "CaptureOptions",
     "ExperimentInitOptions",
+    "ExtractVizOptions",
     "ProjectOptions",
     "ResponsesOptions",
     "record_command",
     "run_calibrate",
     "run_capture",
     "run_experiment_init",
+    "run_extract_viz",
     "run_project",
     "run_responses",
 ]
@@ -110,6 +112,56 @@ class CalibrateOptions(ExperimentOptions):
     prompt_set: str = option("calibration", "prompt set to calibrate on")
     top_k: int = Field(8, ge=1, description="massive dims kept per layer")
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
+
+
+class ExtractVizOptions(ExperimentOptions):
+    prompt_set: str | None = option(None, "the prompt set (for --attention / --logit-lens)")
+    attention: bool = option(False, "per-head attention patterns (eager pass)")
+    logit_lens: bool = option(False, "top-k next-token predictions after each layer")
+    vectors: bool = option(False, "the tokens each trait vector pushes toward and away from")
+    layers: str | None = option(None, "e.g. 3,5 or 10-45:3 (default: all)")
+    top_k: int = Field(50, ge=1, description="tokens kept per position (or per vector)")
+    limit: int | None = Field(None, ge=1, description="first N prompts only")
+    skip_existing: bool = option(False, "keep files made with the same settings and tokens")
+    format: Literal["safetensors", "json"] = option(
+        "safetensors", "json: also write the seed's {id}_attention.json")
+    traits: list[str] | None = option(None, "--vectors: comma-separated (default: all "
+                                      "extracted)")
+    extraction_variant: str | None = option(None, "--vectors: whose vectors (default: the "
+                                            "experiment's defaults.extraction)")
+    filter_common: bool = option(False, "--vectors: drop tokens that top every vector")
+
+
+def run_extract_viz(options: ExtractVizOptions) -> None:
+    from residlab.experiments import load_experiment, load_variant
+    from residlab.inference.extract_viz import extract_viz
+    from residlab.inference.vector_lens import vector_logit_lens
+
+    per_token = options.attention or options.logit_lens
+    if not (per_token or options.vectors):
+        raise UsageError("nothing to extract: give --attention, --logit-lens and/or --vectors")
+    if per_token and options.prompt_set is None:
+        raise UsageError("--attention / --logit-lens read a prompt set's responses: give "
+                         "--prompt-set")
+    if options.prompt_set is not None and not per_token:
+        raise UsageError("--prompt-set is read only with --attention or --logit-lens")
+    experiment = load_experiment(options.experiment)
+    if per_token:
+        loaded = load_variant(experiment, options.model_variant)
+        result = extract_viz(
+            experiment, options.prompt_set, variant=options.model_variant,
+            attention=options.attention, logit_lens=options.logit_lens, layers=options.layers,
+            top_k=options.top_k, limit=options.limit, skip_existing=options.skip_existing,
+            json_attention=options.format == "json", loaded=loaded)
+        record_command(result.out_dir, "extract-viz", options, loaded)
+        print(f"extract-viz: {len(result.written)} written, {result.skipped} already complete, "
+              f"in {result.out_dir}")
+    if options.vectors:
+        written = vector_logit_lens(experiment, traits=options.traits,
+                                    variant=options.extraction_variant, top_k=options.top_k,
+                                    filter_common=options.filter_common)
+        for path in written:
+            print(f"vector logit lens: {path}")
 
 
 def run_experiment_init(options: ExperimentInitOptions) -> None:
