@@ -206,3 +206,18 @@ def test_resolved_options_and_provenance_are_written_next_to_outputs(tmp_path, m
     assert record["options"]["max_new_tokens"] == 3 and record["options"]["limit"] == 2
     assert record["model"]["source"] == "local" and record["model"]["dtype"] == "float32"
     assert record["model"]["config_sha256"] and "torch" in record["libraries"]
+
+
+def test_help_says_required_and_never_shows_an_internal_default():
+    parser = build_parser()
+    for command in COMMANDS:
+        sub = parser
+        for part in command.path:
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)
+                       ).choices[part]
+        text = sub.format_help()
+        assert "PydanticUndefined" not in text, command.path
+        for name, field in command.options.model_fields.items():
+            if field.is_required() and not (field.json_schema_extra or {}).get("positional"):
+                action = next(a for a in sub._actions if a.dest == name)
+                assert action.help.endswith("(required)"), (command.path, name)

@@ -127,6 +127,8 @@ def _extra(field: FieldInfo) -> dict[str, Any]:
 
 def _help(field: FieldInfo) -> str:
     text = field.description or ""
+    if field.is_required():
+        return (f"{text} (required)" if text else "required").replace("%", "%%")
     default = field.get_default(call_default_factory=True)
     if default not in (None, False, "", []) and "default" not in text:
         text = f"{text} (default: {default})" if text else f"default: {default}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from residlab.commands import inference, noise, traits
+from residlab.commands import diff, inference, noise, traits
 from residlab.options import CommandOptions
 
 __all__ = ["COMMANDS", "Command"]
@@ -51,4 +51,16 @@ COMMANDS: list[Command] = [
             traits.ExtractOptions, traits.run_extract),
     Command(("steer",), "steering evaluation with a judge",
             traits.SteerOptions, traits.run_steer),
+    Command(("diff", "compare"), "effect sizes and cosines of two variants on the same tokens",
+            diff.DiffCompareOptions, diff.run_compare),
+    Command(("diff", "per-token"), "per-token and per-clause projection deltas (B - A)",
+            diff.DiffPerTokenOptions, diff.run_per_token),
+    Command(("diff", "layers"), "per-token deltas at several layers and their correlations",
+            diff.DiffLayersOptions, diff.run_layers),
+    Command(("diff", "spans"), "the highest-delta spans across a prompt set",
+            diff.DiffSpansOptions, diff.run_spans),
+    Command(("diff", "logprobs"), "per-token log-prob and KL differences of the two variants",
+            diff.DiffLogprobsOptions, diff.run_logprobs),
+    Command(("diff", "run"), "the whole model-diff workflow with one model load",
+            diff.DiffRunOptions, diff.run_diff_command),
 ]

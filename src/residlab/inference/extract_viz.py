@@ -40,7 +40,7 @@ from residlab.inference.responses import read_response
 from residlab.progress import progress
 from residlab.store import atomic_path, write_json
 
-__all__ = ["VizResult", "extract_viz", "viz_dir"]
+__all__ = ["TokenText", "VizResult", "extract_viz", "viz_dir"]
 
 log = logging.getLogger(__name__)
 LENS_BATCH_TOKENS = 1024  # tokens per lens forward

@@ -1,0 +1,1 @@
+"""Analyses that read what the inference stages wrote (captures, projections, responses)."""
