@@ -33,6 +33,7 @@ __all__ = [
     "init_experiment",
     "load_experiment",
     "load_variant",
+    "with_lora",
 ]
 
 
@@ -154,12 +155,13 @@ def load_variant(
                         trust_remote_code=variant.trust_remote_code,
                         load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
     if variant.lora:
-        loaded = _with_lora(loaded, variant.lora)
+        loaded = with_lora(loaded, variant.lora)
     loaded.provenance["variant"] = variant_name
     return loaded
 
 
-def _with_lora(loaded, adapter: str):
+def with_lora(loaded, adapter: str):
+    """``loaded`` with the PEFT adapter ``adapter`` on top (its model replaced in place)."""
     try:
         from peft import PeftModel
     except ImportError:

@@ -73,6 +73,9 @@ class DiffRunOptions(DiffOptions):
     method: str | None = option(None, "vector method (default: the best vector per layer)")
     position: str | None = option(None, "vector position (with --method)")
     layer: int | None = option(None, "the layer for per-token deltas (default: best)")
+    component: Component = option("residual", "activation component")
+    layers: str | None = option(None, "layers to capture, e.g. 10-20:2 (default: all)")
+    max_new_tokens: int = Field(50, ge=1, description="B's responses, when missing")
 
 
 def _experiment(options: DiffOptions):
@@ -143,5 +146,7 @@ def run_diff_command(options: DiffRunOptions) -> None:
 
     result = run_diff(_experiment(options), options.variant_a, options.variant_b,
                       options.prompt_set, traits=options.traits, method=options.method,
-                      position=options.position, layer=options.layer)
+                      position=options.position, layer=options.layer,
+                      component=options.component, layers=options.layers,
+                      max_new_tokens=options.max_new_tokens)
     print(result)
