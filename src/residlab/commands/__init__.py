@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from residlab.commands import diff, inference, noise, traits
+from residlab.commands import diff, inference, noise, serve, traits
 from residlab.options import CommandOptions
 
 __all__ = ["COMMANDS", "Command"]
@@ -51,6 +51,8 @@ COMMANDS: list[Command] = [
             traits.ExtractOptions, traits.run_extract),
     Command(("steer",), "steering evaluation with a judge",
             traits.SteerOptions, traits.run_steer),
+    Command(("serve",), "serve a model over HTTP: model API and Live Chat",
+            serve.ServeOptions, serve.run_serve),
     Command(("diff", "compare"), "effect sizes and cosines of two variants on the same tokens",
             diff.DiffCompareOptions, diff.run_compare),
     Command(("diff", "per-token"), "per-token and per-clause projection deltas (B - A)",

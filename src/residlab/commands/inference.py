@@ -59,7 +59,8 @@ class ExperimentOptions(CommandOptions):
 class PromptSetOptions(ExperimentOptions):
     prompt_set: str = option(..., "datasets/inference/{name}.json (nested names allowed)")
     skip_existing: bool = option(False, "keep finished files")
-    no_server: bool = option(False, "load the model in this process (the only mode there is)")
+    no_server: bool = option(False, "responses: load the model here even when a model server "
+                             "(RESIDLAB_SERVER, default http://127.0.0.1:8765) serves it")
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
     load_in_8bit: bool = option(False, "bitsandbytes 8-bit (CUDA only)")
     load_in_4bit: bool = option(False, "bitsandbytes 4-bit (CUDA only)")
@@ -183,6 +184,19 @@ def parse_steer_specs(specs: list[str] | None) -> list[tuple[str, int, float]]:
     return out
 
 
+def _server_for(options: ResponsesOptions, experiment, *, steered: bool):
+    """Mode A's model server (:func:`residlab.client.find_server`), unless ``--no-server`` or
+    what the server cannot do: steering (it takes token ids, not vectors), 8/4-bit loading."""
+    if options.no_server or steered or options.load_in_8bit or options.load_in_4bit:
+        return None
+    try:
+        from residlab.client import find_server
+    except ModuleNotFoundError:  # without the 'server' extra (httpx) there is no client
+        return None
+
+    return find_server(experiment, options.model_variant)
+
+
 def run_responses(options: ResponsesOptions) -> None:
     from residlab.experiments import load_experiment, load_variant
     from residlab.inference.responses import generate_responses
@@ -192,8 +206,10 @@ def run_responses(options: ResponsesOptions) -> None:
         raise UsageError("--steer changes generation, but --from-responses imports texts that "
                          "were not generated here; drop one of them")
     experiment = load_experiment(options.experiment)
-    loaded = None
+    loaded = remote = None
     if not options.from_responses:
+        remote = _server_for(options, experiment, steered=bool(specs))
+    if not options.from_responses and remote is None:
         loaded = load_variant(experiment, options.model_variant,
                               load_in_8bit=options.load_in_8bit, load_in_4bit=options.load_in_4bit)
     steering = []
@@ -208,9 +224,9 @@ def run_responses(options: ResponsesOptions) -> None:
         from_responses=options.from_responses, skip_existing=options.skip_existing,
         limit=options.limit, output_suffix=options.output_suffix,
         batch_size=options.batch_size, generation_defaults=options.generation_defaults,
-        loaded=loaded)
+        loaded=loaded, remote=remote)
     if written:
-        record_command(written[0].parent, "responses", options, loaded)
+        record_command(written[0].parent, "responses", options, loaded or remote)
     folder = written[0].parent if written else "(nothing new to write)"
     print(f"responses: {len(written)} written to {folder}")
 

@@ -264,13 +264,16 @@ def generate_responses(
     limit: int | None = None, output_suffix: str | None = None, batch_size: int = 8,
     interventions: Sequence[Intervention] = (), tags: Sequence[str] = (), loaded=None,
     steering: Sequence[Steering] = (), generation_defaults: GenerationDefaults = "plain",
+    remote=None,
 ) -> list[Path]:
     """Write one Response JSON per prompt; returns the files written.
 
     ``steering`` (from :func:`residlab.traits.steer.resolve_steering`) adds its vectors, tags
     each record ``steer:TRAIT:LAYER:COEF`` with the layer actually used, records the request
     under ``steering``, and names the folder unless ``output_suffix`` is given.
-    ``generation_defaults`` is passed to :func:`residlab.generation.generate_ids`."""
+    ``generation_defaults`` is passed to :func:`residlab.generation.generate_ids`.
+    ``remote`` (a :class:`residlab.client.RemoteModel`) generates through a model server
+    instead of ``loaded``: the same batches and ``generate_ids`` settings, so the same files."""
     interventions = [*interventions, *(s.intervention for s in steering)]
     tags = [*tags, *(s.tag for s in steering)]
     if from_responses and interventions:
@@ -291,29 +294,45 @@ def generate_responses(
         common |= {"source": "imported", "imported_from": str(from_responses),
                    "imported_sha256": sha}
         return _import(spec, items, imported, prefill, common, job)
-    loaded = loaded or load_variant(experiment, variant_name)
+    model = remote if remote is not None else _LocalModel(
+        loaded or load_variant(experiment, variant_name))
     gen = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0,
            "temperature": temperature if temperature > 0 else 1.0,
            "generation_defaults": generation_defaults}
-    common |= _generated_fields(loaded, spec, gen, temperature)
-    return _generate(loaded, items, prefill, gen, interventions, common, job)
+    common |= _generated_fields(model, spec, gen, temperature)
+    return _generate(model, items, prefill, gen, interventions, common, job)
 
 
-def _generated_fields(loaded, spec, gen: dict[str, Any], temperature: float) -> dict[str, Any]:
+class _LocalModel:
+    """A loaded model behind the calls Mode A makes; a model server's
+    :class:`residlab.client.RemoteModel` offers the same ones."""
+
+    def __init__(self, loaded):
+        self.loaded, self.tokenizer, self.provenance = loaded, loaded.tokenizer, loaded.provenance
+
+    def generation_settings(self, **gen: Any) -> dict[str, Any]:
+        return effective_generation_settings(self.loaded.model, self.tokenizer, **gen)
+
+    def generate_ids(self, prompts: list[list[int]], *,
+                     interventions: Sequence[Intervention] = (), **gen: Any):
+        return generate_ids(self.loaded.model, self.tokenizer, prompts,
+                            interventions=interventions, **gen)
+
+
+def _generated_fields(model, spec, gen: dict[str, Any], temperature: float) -> dict[str, Any]:
     """What Mode A records beyond the common fields: the model that really ran and the
     generation settings in effect (same arguments as the ``generate_ids`` call)."""
-    provenance = loaded.provenance or {}
+    provenance = model.provenance or {}
     lora = provenance.get("lora") if provenance else spec.lora
     return {"source": "generated", "imported_from": None, "imported_sha256": None,
             "max_new_tokens": gen["max_new_tokens"], "temperature": temperature,
-            "generation_settings": effective_generation_settings(
-                loaded.model, loaded.tokenizer, **gen),
+            "generation_settings": model.generation_settings(**gen),
             "model_identity": _identity(provenance, spec.model, lora)}
 
 
-def _generate(loaded, items, prefill, gen, interventions, common, job: _Job) -> list[Path]:
+def _generate(model, items, prefill, gen, interventions, common, job: _Job) -> list[Path]:
     """Mode A: generate in batches (after the folder check), saving each batch's records."""
-    prompts = {item.id: _prompt(loaded.tokenizer, item, prefill) for item in items}
+    prompts = {item.id: _prompt(model.tokenizer, item, prefill) for item in items}
     todo, kept = _plan(job.out_dir, items, {k: p.ids for k, p in prompts.items()},
                        response_settings(common), job.skip_existing)
     if not todo:
@@ -323,11 +342,11 @@ def _generate(loaded, items, prefill, gen, interventions, common, job: _Job) -> 
         for start in range(0, len(todo), job.batch_size):
             batch = todo[start:start + job.batch_size]
             rows = [prompts[item.id] for item in batch]
-            outputs = generate_ids(loaded.model, loaded.tokenizer, [r.ids + r.fill for r in rows],
-                                   interventions=interventions, **gen)
+            outputs = model.generate_ids([r.ids + r.fill for r in rows],
+                                         interventions=interventions, **gen)
             for item, row, out in zip(batch, rows, outputs, strict=True):
                 extra = {**common, "finish_reason": out.finish_reason}
-                written.append(_save(job, loaded.tokenizer, item, row, row.fill + out.token_ids,
+                written.append(_save(job, model.tokenizer, item, row, row.fill + out.token_ids,
                                      extra))
             bar.update(len(batch))
     return written

@@ -1,0 +1,81 @@
+"""``residlab serve``: one process keeps a model loaded for the API and the Live Chat page.
+
+The bind is checked before anything loads: loopback by default; any other address needs a
+token (``--token`` or ``RESIDLAB_TOKEN``; prefer the variable, a flag shows in ``ps``). With a
+token, every request carries ``Authorization: Bearer T``; a browser opens ``/chat?token=T``
+once and is redirected to ``/chat`` with the token kept as an HttpOnly, SameSite=Strict cookie.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from residlab.options import CommandOptions, DType, option
+
+__all__ = ["ServeOptions", "build_state", "run_serve"]
+
+
+class ServeOptions(CommandOptions):
+    experiment: str | None = option(None, "serve this experiment (its variants and trait "
+                                    "vectors)")
+    model_variant: str | None = option(None, "the experiment's variant to load (default: its "
+                                       "defaults.application)")
+    model: str | None = option(None, "load this model instead (hub id, local folder or "
+                               "'default'); none of --experiment/--model: load later with "
+                               "POST /model/load")
+    dtype: DType = option("bf16", "with --model: bf16, fp16, fp32 or auto")
+    device: str = option("auto", "with --model: auto, cpu, cuda, cuda:N or mps")
+    host: str = option("127.0.0.1", "address to bind; other than loopback needs a token")
+    port: int = Field(8765, ge=1, le=65535, description="port to bind")
+    token: str | None = option(None, "require 'Authorization: Bearer TOKEN' (default: "
+                               "RESIDLAB_TOKEN)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
+
+
+def build_state(options: ServeOptions, token: str | None):
+    """The server's state with the experiment and model the options name, loaded."""
+    from residlab.errors import UsageError
+    from residlab.server.state import ServerState
+
+    state = ServerState(token=token)
+    if options.model_variant is not None and options.experiment is None:
+        raise UsageError("--model-variant names a variant of an experiment; give --experiment")
+    if options.model is not None and options.model_variant is not None:
+        raise UsageError("give --model-variant or --model, not both")
+    if options.experiment is not None:
+        from residlab.experiments import load_experiment
+
+        state.experiment = load_experiment(options.experiment)
+    if options.model is not None:
+        from residlab.models import load_model
+
+        state.loaded = load_model(options.model, dtype=options.dtype, device=options.device)
+    elif state.experiment is not None:
+        from residlab.experiments import load_variant
+
+        state.variant, _ = state.experiment.variant(options.model_variant)
+        state.loaded = load_variant(state.experiment, state.variant)
+    return state
+
+
+def run_serve(options: ServeOptions) -> None:
+    from residlab.errors import UsageError
+
+    try:
+        import uvicorn
+
+        from residlab.server.app import create_app
+    except ModuleNotFoundError as error:
+        raise UsageError(f"the server needs {error.name}: pip install 'residlab[server]'") from None
+    from residlab.server.security import LOOPBACK_NAMES, check_bind, is_loopback, resolve_token
+
+    token = resolve_token(options.token)
+    check_bind(options.host, token)  # before any model loads
+    state = build_state(options, token)
+    app = create_app(state, max_body_bytes=options.max_body_bytes,
+                     allowed_hosts=LOOPBACK_NAMES if is_loopback(options.host) else None)
+    shown = f"[{options.host}]" if ":" in options.host else options.host
+    url = f"http://{shown}:{options.port}"
+    hint = " (open /chat?token=... once in a browser)" if token else ""
+    print(f"residlab serve: {url}  chat: {url}/chat{hint}  API: {url}/docs", flush=True)
+    uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
