@@ -7,6 +7,9 @@ always removes them when its ``with`` block ends, also on exceptions::
     with intervene(model, [Add(6, vectors), Capture(6, "resid_post")]) as handle:
         model.generate(...)
 
+``Readout(layer, units)`` projects the activation on ``(K, d_model)`` unit vectors inside the
+hook and keeps only ``(B, T, K)`` floats (live per-token trait scores).
+
 Positions are never taken from indices inside the current forward chunk (they shift under the
 KV cache). The caller hands over the padded prompt layout, ``prompt_mask`` ``(B, P)``; each
 chunk's absolute positions come from how many tokens precede it (the 2-D attention mask's
@@ -41,6 +44,7 @@ __all__ = [
     "Intervention",
     "InterventionHandle",
     "Positions",
+    "Readout",
     "apply_interventions",
     "intervene",
 ]
@@ -115,7 +119,46 @@ class AttentionPattern:
         self.chunks.clear()
 
 
-Intervention = Add | Capture | AttentionPattern
+@dataclass
+class Readout:
+    """Projections of a site's activation on ``units`` ``(K, d_model)``, computed in the hook.
+
+    Only ``K`` floats per token are kept, so a live readout never moves ``(T, d_model)``
+    activations off the device. Per forward: ``projections[i]`` ``(B, T, K)`` is ``h . u_k``
+    and ``cosines[i]`` ``(B, T, K)`` is ``h . u_k / |h|``, both in float32 whatever the model
+    dtype (as :func:`residlab.inference.project.project_many` computes them offline; pass unit
+    vectors to get ``h . v / |v|``); ``masks[i]`` ``(B, T)`` marks real, selected positions.
+    """
+
+    layer: int
+    units: torch.Tensor
+    site: str = "resid_post"
+    positions: Positions = "all"
+    device: str | torch.device | None = None  # move the (B, T, K) results here; None keeps them
+    projections: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+    cosines: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+    masks: list[torch.Tensor] = field(default_factory=list, init=False, repr=False)
+
+    def read(self, hidden: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Record the readouts of one chunk ``(B, T, D)``."""
+        h = hidden.detach().float()  # (B, T, D)
+        units = self.units.to(h.device, torch.float32)  # (K, D)
+        proj = h @ units.T  # (B, T, K)
+        norms = torch.linalg.vector_norm(h, dim=-1, keepdim=True)  # (B, T, 1)
+        cosine = proj / norms.clamp(min=1e-12)  # (B, T, K)
+        if self.device is not None:
+            proj, cosine, chosen = (t.to(self.device) for t in (proj, cosine, chosen))
+        self.projections.append(proj)
+        self.cosines.append(cosine)
+        self.masks.append(chosen)
+
+    def clear(self) -> None:
+        self.projections.clear()
+        self.cosines.clear()
+        self.masks.clear()
+
+
+Intervention = Add | Capture | AttentionPattern | Readout
 
 
 class _ForwardState:
@@ -254,6 +297,9 @@ def _transform(state: _ForwardState, intervention: Intervention):
         chosen = state.select(intervention.positions, hidden.device)  # (B, T)
         if isinstance(intervention, Add):
             return _add_rows(hidden, intervention, chosen)
+        if isinstance(intervention, Readout):
+            intervention.read(hidden, chosen)
+            return hidden
         stored = hidden.detach()
         if intervention.device is not None:
             stored = stored.to(intervention.device)
@@ -325,6 +371,13 @@ def _check(arch: Arch, intervention: Intervention) -> None:
             )
         if not torch.isfinite(vectors).all():
             raise UsageError("Add vectors contain NaN or infinite values")
+    if isinstance(intervention, Readout):
+        units = intervention.units
+        if units.dim() != 2 or units.shape[1] != arch.d_model:
+            raise UsageError(
+                f"Readout units have shape {tuple(units.shape)}; expected (K, {arch.d_model}): "
+                "one vector per row, of this model's hidden size"
+            )
 
 
 def apply_interventions(
