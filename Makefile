@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-fast lint bench clean
+.PHONY: setup browser demo test test-fast lint bench frontend clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_capture.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_traits.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_viz.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_diff.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_chat.py
+
+# Re-vendor the Live Chat chart library from the npm registry (network; the files are committed).
+frontend: setup
+	$(PY) scripts/fetch_frontend.py
+	$(PY) scripts/fetch_frontend.py --check
 
 clean:
 	rm -rf $(VENV) noising/outputs
