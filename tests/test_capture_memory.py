@@ -75,6 +75,11 @@ def _held_while_capturing(experiment, model, monkeypatch, **kwargs) -> dict[str,
                                                         *model.model.buffers()]}
     samples: dict[str, list[int]] = {"forward": [], "write": []}
     real_save = capture_module.save_raw
+    gc.collect()
+    # tensors alive before the capture (other tests' models and caches) are not its own
+    before = {obj.untyped_storage().data_ptr() for obj in gc.get_objects()
+              if issubclass(type(obj), torch.Tensor) and not obj.is_meta}
+    weights |= before
 
     def save(path, tensors, meta):
         samples["write"].append(_live_bytes(weights))

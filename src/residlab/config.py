@@ -10,7 +10,8 @@ import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from residlab.errors import UsageError
-from residlab.options import CommandOptions, DType, validate
+from residlab.executors import EXECUTOR_KEYS, ExecutorOptions
+from residlab.options import DType, validate
 from residlab.options import explain as explain
 from residlab.textfiles import read_user_text
 
@@ -20,8 +21,13 @@ __all__ = ["RUN_EXTRAS", "NoisingConfig", "explain", "load_config"]
 RUN_EXTRAS = ("provenance", "noise_shaping", "estimate")
 
 
-class NoisingConfig(CommandOptions):
-    """Everything the noising runner needs; field names are the YAML keys (and flags)."""
+class NoisingConfig(ExecutorOptions):
+    """Everything the noising runner needs; field names are the YAML keys (and flags).
+
+    The executor keys (``executor``, ``workers``, ...; see :mod:`residlab.executors`) say how
+    shards run, never what they compute: they are left out of a run's ``config.yaml``
+    (:meth:`run_record`), so a run started on one executor resumes on any other.
+    """
 
     # --- the seed's keys ---
     model_name: str = Field("default", description="hub id, local directory, or 'default'")
@@ -89,6 +95,10 @@ class NoisingConfig(CommandOptions):
     @property
     def reference_model(self) -> str:
         return self.reference_model_name or self.model_name
+
+    def run_record(self) -> dict[str, Any]:
+        """The keys written into a run's ``config.yaml``: everything but the executor's."""
+        return self.model_dump(exclude=set(EXECUTOR_KEYS))
 
 
 def load_config(

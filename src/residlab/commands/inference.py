@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from residlab.errors import UsageError
+from residlab.executors import ExecutorOptions
 from residlab.options import CommandOptions, StorageDType, option
 
 __all__ = [
@@ -81,7 +82,7 @@ class ResponsesOptions(PromptSetOptions):
                                      "vector at the layer while generating")
 
 
-class CaptureOptions(PromptSetOptions):
+class CaptureOptions(PromptSetOptions, ExecutorOptions):
     layers: str | None = option(None, "e.g. 25,27,30 or 10-45:3 (default: all)")
     capture_mlp: bool = option(False, "also capture mlp_contribution")
     response_only: bool = option(False, "save response tokens only")
@@ -232,18 +233,21 @@ def run_responses(options: ResponsesOptions) -> None:
 
 
 def run_capture(options: CaptureOptions) -> None:
+    from residlab.executors import make_executor
     from residlab.experiments import load_experiment, load_variant
     from residlab.inference.capture import capture_prompt_set
 
     experiment = load_experiment(options.experiment)
-    loaded = load_variant(experiment, options.model_variant,
-                          load_in_8bit=options.load_in_8bit, load_in_4bit=options.load_in_4bit)
-    result = capture_prompt_set(
-        experiment, options.prompt_set, variant=options.model_variant,
-        responses_from=options.responses_from, layers=options.layers,
-        capture_mlp=options.capture_mlp, response_only=options.response_only,
-        skip_existing=options.skip_existing, dtype=options.dtype,
-        batch_size=options.batch_size, loaded=loaded)
+    with make_executor(options.executor_settings()) as executor:
+        loaded = load_variant(experiment, options.model_variant,
+                              load_in_8bit=options.load_in_8bit,
+                              load_in_4bit=options.load_in_4bit)
+        result = capture_prompt_set(
+            experiment, options.prompt_set, variant=options.model_variant,
+            responses_from=options.responses_from, layers=options.layers,
+            capture_mlp=options.capture_mlp, response_only=options.response_only,
+            skip_existing=options.skip_existing, dtype=options.dtype,
+            batch_size=options.batch_size, loaded=loaded, executor=executor)
     record_command(result.out_dir, "capture", options, loaded)
     print(f"captured: {len(result.written)} written, {result.skipped} already complete, "
           f"in {result.out_dir}")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from residlab.config import NoisingConfig, load_config
 from residlab.errors import UsageError
+from residlab.executors import EXECUTOR_KEYS, ExecutorOptions, ExecutorSettings
 from residlab.options import CommandOptions, flag_values, option, validate
 
 __all__ = [
@@ -34,6 +35,14 @@ class NoiseOptions(CommandOptions):
 
     config: str | None = option(None, "YAML config (the seed's keys are accepted as they are)")
     settings: NoisingConfig | None = option(None, cli=False)
+    # A resumed run keeps its config, but may run on another executor than it started on.
+    _execution: ExecutorSettings | None = PrivateAttr(None)
+
+    def executor_settings(self) -> ExecutorSettings:
+        """How to run the shards: the config's executor keys, or a resumed run's flags."""
+        if self.settings is not None:
+            return self.settings.executor_settings()
+        return self._execution or ExecutorSettings()
 
     @classmethod
     def _config_file(cls, own: dict) -> str | None:
@@ -44,11 +53,14 @@ class NoiseOptions(CommandOptions):
         own = flag_values(cls, namespace)
         overrides = flag_values(NoisingConfig, namespace)
         if own.get("resume"):
+            execution = {key: overrides.pop(key) for key in EXECUTOR_KEYS if key in overrides}
             if overrides or own.get("config"):
                 named = ", ".join(["config"] * bool(own.get("config")) + list(overrides))
                 raise UsageError(f"a resumed run keeps its own config; drop {named} or start "
                                  "a new run")
-            return validate(cls, own)
+            options = validate(cls, own)
+            options._execution = validate(ExecutorOptions, execution).executor_settings()
+            return options
         settings = load_config(cls._config_file(own), overrides)
         return validate(cls, {**own, "settings": settings})
 
@@ -90,24 +102,32 @@ def record_command(folder: Path, command: str, options: CommandOptions, **extra)
 
 
 def run_generate_command(options: NoiseGenerateOptions) -> None:
+    from residlab.executors import make_executor
     from residlab.noising.generate import run_generate
 
-    run = run_generate(options.settings, resume=options.resume, cov_sqrt=options.cov_sqrt)
+    with make_executor(options.executor_settings()) as executor:
+        run = run_generate(options.settings, resume=options.resume, cov_sqrt=options.cov_sqrt,
+                           executor=executor)
     print(f"run: {run}")
 
 
 def run_covariance_command(options: NoiseCovarianceOptions) -> None:
+    from residlab.executors import make_executor
     from residlab.noising.covariance import run_covariance
 
-    print(f"covariance: {run_covariance(options.settings)}")
+    with make_executor(options.executor_settings()) as executor:
+        path = run_covariance(options.settings, executor=executor)
+    print(f"covariance: {path}")
 
 
 def run_eval_command(options: NoiseEvalOptions) -> None:
+    from residlab.executors import make_executor
     from residlab.noising.eval import run_eval, summarize
     from residlab.store import read_jsonl
 
-    path, skipped = run_eval(options.settings, options.run_dir,
-                             score_eos=not options.no_score_eos)
+    with make_executor(options.executor_settings()) as executor:
+        path, skipped = run_eval(options.settings, options.run_dir,
+                                 score_eos=not options.no_score_eos, executor=executor)
     record_command(path.parent, "noise eval", options, file_name="eval_command.yaml")
     print(summarize(read_jsonl(path)))
     print(f"scores: {path}")

@@ -31,6 +31,7 @@ import torch
 
 from residlab.arch import Arch, normalize_layer, resolve_arch
 from residlab.errors import NotFound, UsageError
+from residlab.executors import Executor, Shard, ShardJob
 from residlab.experiments import Experiment, load_variant
 from residlab.generation import padded_inputs
 from residlab.hooks import Capture, intervene
@@ -40,7 +41,7 @@ from residlab.models import library_versions
 from residlab.progress import progress
 from residlab.store import write_json
 
-__all__ = ["COMPONENT_SITES", "CaptureResult", "CapturedBatch", "capture_prompt_set",
+__all__ = ["COMPONENT_SITES", "CaptureJob", "CaptureResult", "CapturedBatch", "capture_prompt_set",
            "capture_records", "default_batch_size", "parse_layers"]
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def capture_prompt_set(
     responses_from: str | None = None, layers: str | None = None, capture_mlp: bool = False,
     response_only: bool = False, skip_existing: bool = False, dtype: str = "bf16",
     batch_size: int | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
-    loaded=None, components: Sequence[str] | None = None,
+    loaded=None, components: Sequence[str] | None = None, executor: Executor | None = None,
 ) -> CaptureResult:
     """Capture every response JSON of a prompt set; one safetensors file per prompt.
 
@@ -239,7 +240,8 @@ def capture_prompt_set(
     JSON's token ids, all finite; any other file is captured again (the reason is logged).
     ``batch_size=None`` chooses the batch from a memory budget (:func:`default_batch_size`).
     A prompt whose capture holds NaN or inf is not written; the others are, then a UsageError
-    names the first such prompt.
+    names the first such prompt. A remote ``executor`` (Ray) captures the same batches on its
+    workers; this process writes every file (:func:`_run_shards`).
     """
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: use a positive number, or leave it out "
@@ -269,8 +271,13 @@ def capture_prompt_set(
     if batch_size is None and todo:
         batch_size = _chosen_batch(loaded.model, arch, todo, asked)
     plan = _Plan(list(asked.layers), components, response_only, STORAGE_DTYPES[dtype], extra)
-    written, failed = _run_batches(loaded, arch, todo, plan, out_dir, batch_size or 1,
-                                   done=len(records) - len(todo))
+    if executor is not None and executor.remote:
+        job = CaptureJob(experiment, variant_name, plan, quantized=(load_in_8bit, load_in_4bit))
+        written, failed = _run_shards(executor, job, loaded, todo, out_dir, batch_size or 1,
+                                      done=len(records) - len(todo))
+    else:
+        written, failed = _run_batches(loaded, arch, todo, plan, out_dir, batch_size or 1,
+                                       done=len(records) - len(todo))
     _write_provenance(out_dir, extra, loaded.provenance)
     if failed:
         raise UsageError(f"{len(failed)} of {len(todo)} prompt(s) not written because their "
@@ -441,6 +448,75 @@ def _run_batches(loaded, arch: Arch, todo: list[dict], plan: _Plan, out_dir: Pat
             torch.cuda.empty_cache()
     bar.close()
     return written, failed
+
+
+class CaptureJob(ShardJob):
+    """Capture on workers: a shard's payload is one batch of response records (the batches
+    of a local run); its result is, per record, ``{tensor_name: tensor}`` owning its memory.
+    The driver checks and writes each file, as a local run does."""
+
+    local_only = ("loaded", "arch")
+
+    def __init__(self, experiment: Experiment, variant: str, plan: _Plan, *,
+                 quantized: tuple[bool, bool] = (False, False)):
+        self.experiment, self.variant, self.plan, self.quantized = (experiment, variant, plan,
+                                                                    quantized)
+        self.loaded = self.arch = None
+
+    def load(self):
+        eight, four = self.quantized
+        return load_variant(self.experiment, self.variant, load_in_8bit=eight,
+                            load_in_4bit=four)
+
+    def setup(self) -> None:
+        super().setup()
+        self.arch = self.arch or resolve_arch(self.loaded.model)
+
+    def compute(self, payload: list[dict]) -> list[dict[str, torch.Tensor]]:
+        """The batch's captures; on out-of-memory, its halves (and so on) one after another."""
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        out: list[dict[str, torch.Tensor]] = []
+        size = len(payload)
+        while len(out) < len(payload):
+            part = payload[len(out):len(out) + size]
+            try:
+                captured = capture_records(
+                    self.loaded.model, self.arch, part, self.plan.layers, self.plan.components,
+                    pad_id=pad, response_only=self.plan.response_only, dtype=self.plan.dtype)
+            except (torch.OutOfMemoryError, RuntimeError) as error:
+                if not _is_oom(error) or size == 1:
+                    raise
+                size = max(1, size // 2)
+                continue
+            out += [{name: _owned(t) for name, t in tensors.items()} for tensors in captured]
+            del captured
+        return out
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` without the rest of its batch: a pickled view would carry all of it."""
+    return tensor.clone() if tensor.untyped_storage().nbytes() > tensor.nbytes else tensor
+
+
+def _run_shards(executor: Executor, job: CaptureJob, loaded, todo: list[dict], out_dir: Path,
+                batch_size: int, *, done: int = 0) -> tuple[list[Path], list[str]]:
+    """Capture ``todo`` in batches on ``executor``'s workers; write each file here."""
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    shards = [Shard(i, batch, len(batch)) for i, batch in enumerate(batches)]
+    written: dict[int, list[Path]] = {}  # by shard, so the lists come out in a local run's order
+    failed: dict[int, list[str]] = {}
+
+    def write(shard: Shard, captured: list[dict[str, torch.Tensor]]) -> None:
+        failed[shard.key] = []
+        paths = [_write_record(record, tensors, job.plan, out_dir, failed[shard.key],
+                               loaded.model)
+                 for record, tensors in zip(shard.payload, captured, strict=True)]
+        written[shard.key] = [path for path in paths if path is not None]
+
+    with progress(total=done + len(todo), desc="capture", unit="prompts", initial=done) as bar:
+        executor.run(job, shards, write, bar=bar)
+    return ([path for key in sorted(written) for path in written[key]],
+            [why for key in sorted(failed) for why in failed[key]])
 
 
 def _capture_batch(loaded, arch: Arch, batch: list[dict], plan: _Plan, out_dir: Path, pad: int,

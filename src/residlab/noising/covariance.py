@@ -25,6 +25,8 @@ import torch
 from residlab.arch import resolve_arch
 from residlab.config import NoisingConfig
 from residlab.errors import UsageError
+from residlab.executors import Executor, Shard, ShardJob
+from residlab.executors.local import LocalExecutor
 from residlab.generation import padded_inputs
 from residlab.hooks import Capture, intervene
 from residlab.models import LoadedModel, load_model
@@ -32,7 +34,7 @@ from residlab.noising.noise import ESTIMATE_FILE, model_identity
 from residlab.progress import progress as progress_bar
 from residlab.store import write_json, write_npy, write_yaml
 
-__all__ = ["Covariance", "CovarianceFitter", "psd_sqrt", "run_covariance"]
+__all__ = ["Covariance", "CovarianceFitter", "CovarianceJob", "psd_sqrt", "run_covariance"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,27 @@ class CovarianceFitter:
     def update(self, x: np.ndarray | torch.Tensor) -> None:
         """Add samples ``x``: ``(N, D)``."""
         x = np.asarray(x.float().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-        n = x.shape[0]
+        if x.shape[0] == 0:
+            return
+        batch = CovarianceFitter(x.shape[1])
+        batch.count = x.shape[0]
+        batch.mean = x.mean(axis=0)  # (D,)
+        centered = x - batch.mean  # (N, D)
+        batch.comoment = centered.T @ centered  # (D, D)
+        self.merge(batch)
+
+    def merge(self, other: CovarianceFitter) -> None:
+        """Add another fitter's samples (Chan et al.'s pairwise update).
+
+        Merging the same per-batch fitters in the same order gives the same bits whoever
+        computed them, so workers return one fitter per batch and the driver merges them in
+        batch order: a Ray estimate equals the local one exactly."""
+        n = other.count
         if n == 0:
             return
-        batch_mean = x.mean(axis=0)  # (D,)
-        centered = x - batch_mean  # (N, D)
-        delta = batch_mean - self.mean  # (D,)
+        delta = other.mean - self.mean  # (D,)
         total = self.count + n
-        self.comoment += centered.T @ centered + np.outer(delta, delta) * (self.count * n / total)
+        self.comoment += other.comoment + np.outer(delta, delta) * (self.count * n / total)
         self.mean += delta * (n / total)
         self.count = total
 
@@ -80,30 +95,67 @@ def psd_sqrt(cov: np.ndarray) -> np.ndarray:
     return (vectors * roots) @ vectors.T  # (D, D)
 
 
-def fit_covariance(
-    loaded: LoadedModel, cfg: NoisingConfig, prompts: list
-) -> Covariance:
-    """Stream the site's activations over ``cov_batches`` batches of prompt-only inputs."""
-    arch = resolve_arch(loaded.model, cfg.layers_path)
-    fitter = CovarianceFitter(arch.d_model)
-    batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
-    pad = loaded.tokenizer.pad_token_id or 0
-    batches = batches[: cfg.cov_batches]
-    bar = progress_bar(total=sum(map(len, batches)), desc="covariance", unit="prompts")
-    for batch in batches:
-        inputs = padded_inputs([p.token_ids for p in batch], pad, loaded.device)
+class CovarianceJob(ShardJob):
+    """Covariance batches: a shard's payload is a batch of prompt token ids; its result is
+    that batch's own :class:`CovarianceFitter` (float64 count, mean, co-moment)."""
+
+    local_only = ("loaded", "arch")
+
+    def __init__(self, cfg: NoisingConfig, *, loaded: LoadedModel | None = None, arch=None):
+        self.cfg, self.loaded, self.arch = cfg, loaded, arch
+
+    def load(self) -> LoadedModel:
+        cfg = self.cfg
+        return load_model(cfg.model_name, dtype=cfg.dtype, device=cfg.device,
+                          trust_remote_code=cfg.trust_remote_code)
+
+    def setup(self) -> None:
+        super().setup()
+        if self.arch is None:
+            self.arch = resolve_arch(self.loaded.model, self.cfg.layers_path)
+
+    def compute(self, payload: list[list[int]]) -> CovarianceFitter:
+        cfg, loaded = self.cfg, self.loaded
+        inputs = padded_inputs(payload, loaded.tokenizer.pad_token_id or 0, loaded.device)
         capture = Capture(cfg.layer_index, cfg.site, positions="all")
-        with torch.inference_mode(), intervene(loaded.model, [capture], arch=arch,
+        with torch.inference_mode(), intervene(loaded.model, [capture], arch=self.arch,
                                                prompt_mask=inputs["attention_mask"]):
             loaded.model(**inputs)
-        bar.update(len(batch))
         keep = capture.mask()  # (B, T) real tokens
         if cfg.cov_exclude_first:
             first = keep.int().argmax(dim=1)  # first real token of each row
             keep = keep.clone()
             keep[torch.arange(keep.shape[0]), first] = False
+        fitter = CovarianceFitter(self.arch.d_model)
         fitter.update(capture.values()[keep])  # (N, D)
-    bar.close()
+        return fitter
+
+
+def fit_covariance(
+    loaded: LoadedModel, cfg: NoisingConfig, prompts: list, *,
+    executor: Executor | None = None,
+) -> Covariance:
+    """Stream the site's activations over ``cov_batches`` batches of prompt-only inputs;
+    ``executor`` computes the batches (default: this process), merged here in batch order."""
+    arch = resolve_arch(loaded.model, cfg.layers_path)
+    fitter = CovarianceFitter(arch.d_model)
+    batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    batches = batches[: cfg.cov_batches]
+    work = [Shard(i, [p.token_ids for p in batch], len(batch)) for i, batch in enumerate(batches)]
+    waiting: dict[int, CovarianceFitter] = {}  # finished out of order, not merged yet
+    next_key = 0
+
+    def merge_in_order(shard: Shard, batch: CovarianceFitter) -> None:
+        nonlocal next_key
+        waiting[shard.key] = batch
+        while next_key in waiting:
+            fitter.merge(waiting.pop(next_key))
+            next_key += 1
+
+    job = CovarianceJob(cfg, loaded=loaded, arch=arch)
+    with progress_bar(total=sum(map(len, batches)), desc="covariance", unit="prompts") as bar:
+        (executor or LocalExecutor()).run(job, work, merge_in_order, bar=bar)
+    assert not waiting, "every batch is merged"
     return fitter.result()
 
 
@@ -145,7 +197,7 @@ def _publish(
     write_npy(staging / "mean.npy", estimate.mean)
     write_json(staging / ESTIMATE_FILE, record)
     write_yaml(staging / "config.yaml", {
-        **cfg.model_dump(), "provenance": {**loaded.provenance, "seed": cfg.seed},
+        **cfg.run_record(), "provenance": {**loaded.provenance, "seed": cfg.seed},
         "estimate": record,
     })
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -159,7 +211,8 @@ def _publish(
     raise RuntimeError(f"cannot name the covariance directory under {staging.parent}")
 
 
-def run_covariance(cfg: NoisingConfig, *, loaded: LoadedModel | None = None) -> Path:
+def run_covariance(cfg: NoisingConfig, *, loaded: LoadedModel | None = None,
+                   executor: Executor | None = None) -> Path:
     """Estimate and save ``cov.npy`` / ``cov_sqrt.npy``; returns their directory."""
     from residlab.noising.generate import load_run_prompts
 
@@ -168,7 +221,8 @@ def run_covariance(cfg: NoisingConfig, *, loaded: LoadedModel | None = None) -> 
     layer = resolve_arch(loaded.model, cfg.layers_path).normalize_layer(cfg.layer_index)
     needed = cfg.cov_batches * cfg.batch_size
     prompts = load_run_prompts(cfg.model_copy(update={"num_prompts": needed}), loaded.tokenizer)
-    return _save(cfg, loaded, fit_covariance(loaded, cfg, prompts), layer)
+    estimate = fit_covariance(loaded, cfg, prompts, executor=executor)
+    return _save(cfg, loaded, estimate, layer)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from typing import Any
 from residlab.arch import resolve_arch
 from residlab.config import NoisingConfig
 from residlab.errors import UsageError
+from residlab.executors import Executor, Shard, ShardJob
+from residlab.executors.local import LocalExecutor
 from residlab.models import LoadedModel, load_model, load_tokenizer
 from residlab.noising.runs import RunDir
 from residlab.progress import progress
@@ -35,7 +37,7 @@ from residlab.store import (
     write_jsonl,
 )
 
-__all__ = ["EVAL_FILE", "PARTIAL_FILE", "Skipped", "read_generations", "run_eval",
+__all__ = ["EVAL_FILE", "PARTIAL_FILE", "EvalJob", "Skipped", "read_generations", "run_eval",
            "scoring_settings", "summarize"]
 
 log = logging.getLogger(__name__)
@@ -221,6 +223,31 @@ def _score_batch(ref: LoadedModel, arch, batch: list[dict], settings: dict) -> l
     return out
 
 
+class EvalJob(ShardJob):
+    """Scoring batches: a shard's payload is a batch of generation records; every worker
+    scores with the same reference model and settings."""
+
+    local_only = ("loaded", "arch")
+
+    def __init__(self, cfg: NoisingConfig, reference: str, settings: dict, *,
+                 loaded: LoadedModel | None = None, arch=None):
+        self.cfg, self.reference, self.settings = cfg, reference, settings
+        self.loaded, self.arch = loaded, arch
+
+    def load(self) -> LoadedModel:
+        cfg = self.cfg
+        return load_model(self.reference, dtype=cfg.dtype, device=cfg.device,
+                          trust_remote_code=cfg.trust_remote_code)
+
+    def setup(self) -> None:
+        super().setup()
+        if self.arch is None:
+            self.arch = resolve_arch(self.loaded.model, self.cfg.layers_path)
+
+    def compute(self, payload: list[dict]) -> list[dict]:
+        return _score_batch(self.loaded, self.arch, payload, self.settings)
+
+
 def _why_stale(record: dict, settings: dict) -> str:
     old = record.get("settings")
     if not isinstance(old, dict):
@@ -255,8 +282,13 @@ def _previous(paths: list[Path], settings: dict) -> tuple[dict[tuple, dict], boo
 def run_eval(
     cfg: NoisingConfig, run_dir: str | Path, *, score_eos: bool = True,
     loaded: LoadedModel | None = None, batch_size: int | None = None,
+    executor: Executor | None = None,
 ) -> tuple[Path, list[Skipped]]:
-    """Score the run's generations; returns the output path and the skipped lines."""
+    """Score the run's generations; returns the output path and the skipped lines.
+
+    ``executor`` scores the batches (default: this process); this process appends each
+    finished batch to the partial file, in whatever order batches finish (the final file is
+    sorted, so it does not depend on that order)."""
     run = RunDir(Path(run_dir)).check()
     records, skipped = read_generations(run)
     for item in skipped:
@@ -279,14 +311,17 @@ def run_eval(
     arch = resolve_arch(ref.model, cfg.layers_path)
     size = batch_size or cfg.batch_size
     drop_torn_tail(partial)
-    bar = progress(total=len(done) + len(todo), desc="scoring", unit="generations",
-                   initial=len(done))
-    for start in range(0, len(todo), size):
-        scored = _score_batch(ref, arch, todo[start:start + size], settings)
+    batches = [todo[start:start + size] for start in range(0, len(todo), size)]
+    work = [Shard(i, batch, len(batch)) for i, batch in enumerate(batches)]
+
+    def write(shard: Shard, scored: list[dict]) -> None:
         append_jsonl(partial, scored)
         done.update((record_key(r), r) for r in scored)
-        bar.update(len(scored))
-    bar.close()
+
+    job = EvalJob(cfg, reference, settings, loaded=ref, arch=arch)
+    with progress(total=len(done) + len(todo), desc="scoring", unit="generations",
+                  initial=len(done)) as bar:
+        (executor or LocalExecutor()).run(job, work, write, bar=bar)
     if todo or dirty or partial.exists() or not out_path.is_file():
         write_jsonl(out_path, sorted(done.values(), key=record_key))
     partial.unlink(missing_ok=True)

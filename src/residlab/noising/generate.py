@@ -20,6 +20,8 @@ import torch
 from residlab.arch import Arch, resolve_arch
 from residlab.config import NoisingConfig
 from residlab.errors import UsageError
+from residlab.executors import Executor, Shard, ShardJob
+from residlab.executors.local import LocalExecutor
 from residlab.generation import (
     check_context,
     effective_generation_settings,
@@ -40,7 +42,7 @@ from residlab.progress import progress
 from residlab.prompts import ChatPrompt, iter_conversations, prepare_prompts
 from residlab.store import publish_dir, read_jsonl, staging_dir, write_jsonl, write_npy, write_yaml
 
-__all__ = ["generate_shard", "load_run_prompts", "run_generate"]
+__all__ = ["SweepJob", "generate_shard", "load_run_prompts", "run_generate"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,35 @@ def generate_shard(
     return records
 
 
+class SweepJob(ShardJob):
+    """A sweep's shards: a shard's payload is ``(shard index, rows)``; every worker holds the
+    prompts and the noise bank. Sampling is seeded per shard index, so a shard draws the same
+    tokens whichever worker computes it."""
+
+    local_only = ("loaded", "arch")
+
+    def __init__(self, cfg: NoisingConfig, prompts: list[ChatPrompt], noises: np.ndarray, *,
+                 loaded: LoadedModel | None = None, arch: Arch | None = None):
+        self.cfg, self.prompts, self.noises = cfg, prompts, noises
+        self.loaded, self.arch = loaded, arch
+
+    def load(self) -> LoadedModel:
+        cfg = self.cfg
+        return load_model(cfg.model_name, dtype=cfg.dtype, device=cfg.device,
+                          trust_remote_code=cfg.trust_remote_code)
+
+    def setup(self) -> None:
+        super().setup()
+        if self.arch is None:
+            self.arch = resolve_arch(self.loaded.model, self.cfg.layers_path)
+
+    def compute(self, payload: tuple[int, list[WorkRow]]) -> list[dict]:
+        index, rows = payload
+        if self.cfg.do_sample:
+            torch.manual_seed(self.cfg.seed * 1_000_003 + index)
+        return generate_shard(self.loaded, self.arch, self.cfg, self.prompts, self.noises, rows)
+
+
 def _start(cfg: NoisingConfig, loaded: LoadedModel, arch: Arch, cov_sqrt: str | None):
     """Check everything, then create the run directory (so bad input writes nothing)."""
     prompts = load_run_prompts(cfg, loaded.tokenizer)
@@ -152,7 +183,7 @@ def _start(cfg: NoisingConfig, loaded: LoadedModel, arch: Arch, cov_sqrt: str | 
         resolved = {"cov_sqrt_path": str(path)} if path is not None else {}
         provenance = {**loaded.provenance, "seed": cfg.seed,
                       "generation": _generation_settings(loaded, cfg)}
-        write_yaml(staging.config_file, {**cfg.model_dump(), **resolved,
+        write_yaml(staging.config_file, {**cfg.run_record(), **resolved,
                                          "noise_shaping": shaping, "provenance": provenance})
         # The run directory appears whole (config.yaml included) or not at all.
         run = RunDir(publish_dir(staging.path, cfg.output_dir))
@@ -180,8 +211,12 @@ def _assemble(run: RunDir, n_shards: int, cfg: NoisingConfig) -> None:
 def run_generate(
     cfg: NoisingConfig | None = None, *, resume: str | Path | None = None,
     cov_sqrt: str | None = None, loaded: LoadedModel | None = None,
+    executor: Executor | None = None,
 ) -> Path:
-    """Run (or resume) a noising sweep; returns the run directory."""
+    """Run (or resume) a noising sweep; returns the run directory.
+
+    ``executor`` computes the missing shards (default: this process); whoever computes them,
+    this process writes each one as it arrives, so a run resumes on any executor."""
     run = RunDir(Path(resume)).check() if resume else None
     if run is not None:
         cfg = run.read_config()[0]
@@ -204,13 +239,14 @@ def run_generate(
         return run.path  # finished earlier
     total = sum(len(rows) for rows in shards)
     done = total - sum(len(shards[i]) for i in todo)
+    work = [Shard(i, (i, shards[i]), len(shards[i])) for i in todo]
+
+    def write(shard: Shard, records: list[dict]) -> None:
+        write_jsonl(run.shard_file(shard.key), records)
+
+    job = SweepJob(cfg, prompts, noises, loaded=loaded, arch=arch)
     with progress(total=total, desc="noising", unit="generations", initial=done) as bar:
-        for shard in todo:
-            if cfg.do_sample:
-                torch.manual_seed(cfg.seed * 1_000_003 + shard)
-            write_jsonl(run.shard_file(shard),
-                        generate_shard(loaded, arch, cfg, prompts, noises, shards[shard]))
-            bar.update(len(shards[shard]))
+        (executor or LocalExecutor()).run(job, work, write, bar=bar)
     _assemble(run, len(shards), cfg)
     return run.path
 
