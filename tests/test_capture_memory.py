@@ -279,3 +279,14 @@ def test_progress_counts_prompts_from_where_it_resumes(experiment, tiny_llama, m
     capture_prompt_set(experiment, SET, loaded=tiny_llama, batch_size=1, skip_existing=True)
     assert calls == [{"total": 5, "desc": "capture", "unit": "prompts", "initial": 3,
                       "updates": [1, 1], "closed": True}]
+
+
+def test_a_rerun_that_keeps_every_file_rewrites_nothing(experiment, tiny_llama):
+    _responses(experiment, [10, 12])
+    capture_prompt_set(experiment, SET, loaded=tiny_llama, dtype="fp32")
+    folder = experiment.raw_dir("base", SET)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    result = capture_prompt_set(experiment, SET, loaded=tiny_llama, dtype="fp32",
+                                skip_existing=True)
+    assert result.written == [] and result.skipped == 2
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before

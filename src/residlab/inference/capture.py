@@ -266,7 +266,9 @@ def capture_prompt_set(
     extra = {"variant": variant_name, "prompt_set": prompt_set, "responses_from": source_variant,
              "layers": list(asked.layers), "components": components, "dtype": dtype,
              "response_only": response_only, "n_layers": arch.n_layers, "family": arch.family}
-    _write_provenance(out_dir, extra, loaded.provenance, planned=asked if todo else None)
+    record = bool(todo) or not (out_dir / "_provenance.json").exists()  # a no-op rerun: keep
+    if record:
+        _write_provenance(out_dir, extra, loaded.provenance, planned=asked if todo else None)
     todo.sort(key=lambda r: len(r["token_ids"]))
     if batch_size is None and todo:
         batch_size = _chosen_batch(loaded.model, arch, todo, asked)
@@ -278,7 +280,8 @@ def capture_prompt_set(
     else:
         written, failed = _run_batches(loaded, arch, todo, plan, out_dir, batch_size or 1,
                                        done=len(records) - len(todo))
-    _write_provenance(out_dir, extra, loaded.provenance)
+    if record:
+        _write_provenance(out_dir, extra, loaded.provenance)
     if failed:
         raise UsageError(f"{len(failed)} of {len(todo)} prompt(s) not written because their "
                          f"capture holds NaN or inf, first {failed[0]}")
