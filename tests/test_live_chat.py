@@ -4,6 +4,7 @@ plain forward for steering; concurrency, disconnects, key-value cache reuse and 
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import json
 import socket
@@ -29,8 +30,9 @@ from residlab.inference.project import project_many
 from residlab.inference.prompt_sets import load_prompt_set
 from residlab.prompts import template_ids
 from residlab.server import live as live_module
-from residlab.server.chat import chat_router
-from residlab.server.live import common_prefix
+from residlab.server import model_api, steering_scale
+from residlab.server.chat import MAX_STREAMS, chat_router
+from residlab.server.live import ConversationCache, LiveGeneration, LiveSetup, common_prefix
 from residlab.server.state import ServerState
 from residlab.store import write_json
 from residlab.traits.vectors import TraitVector, save_vector
@@ -340,7 +342,7 @@ def test_disconnecting_clients_leave_no_generation(state, tiny_llama):
                 time.sleep(0.02)
             assert state.active_streams == 0 and _running_generation() == []
             gc.collect()
-            counts.append((threading.active_count(), _engine_objects()))
+            counts.append((_threads_beyond_the_pool(), _engine_objects()))
             settled = len(forwards)
             time.sleep(0.2)
             assert len(forwards) == settled  # nothing runs once the clients are gone
@@ -351,6 +353,12 @@ def test_disconnecting_clients_leave_no_generation(state, tiny_llama):
         slow.remove()
         server.should_exit = True
         runner.join(timeout=10)
+
+
+def _threads_beyond_the_pool() -> int:
+    """Live threads other than the worker pool's (which grows up to its bound on demand and
+    keeps idle workers: not a leak)."""
+    return sum(not t.name.startswith("AnyIO worker thread") for t in threading.enumerate())
 
 
 def _engine_objects() -> tuple[int, int]:
@@ -373,11 +381,102 @@ def test_error_after_start_is_a_last_event(state, monkeypatch):
     assert state.active_streams == 0
 
 
+def test_cached_norm_scales_do_not_wait_for_the_model(state, tiny_llama, experiment):
+    client = TestClient(_app(state))
+    first = client.get("/api/traits").json()  # measures the scales once
+    other = ServerState(loaded=tiny_llama, experiment=experiment, variant="tiny")
+    answers: list = []
+    with other.model_lock, state.model_lock:  # long tasks hold both servers' models
+        measuring = threading.Thread(target=steering_scale.norm_scales, args=(other,),
+                                     daemon=True)
+        measuring.start()  # waits for the other model
+        time.sleep(0.2)
+        asking = threading.Thread(target=lambda: answers.append(client.get("/api/traits")),
+                                  daemon=True)
+        asking.start()
+        asking.join(timeout=5)
+        assert answers and answers[0].json() == first  # cached: answered without the model
+    measuring.join(timeout=30)
+    assert not measuring.is_alive()
+
+
+def test_norm_scales_follow_a_model_swap(tiny_llama, experiment, monkeypatch):
+    from residlab import experiments
+
+    swapped = copy.copy(tiny_llama)
+    swapped.model = copy.deepcopy(tiny_llama.model)
+    with torch.no_grad():
+        swapped.model.model.embed_tokens.weight.mul_(3.0)  # other norms at every layer
+    before = _median_prompt_norms(tiny_llama)
+    expected = _median_prompt_norms(swapped)
+    assert abs(expected[1] - before[1]) > 0.1 * before[1]
+    state = ServerState(loaded=tiny_llama, experiment=experiment, variant="tiny")
+    # The next model may get the old one's id(): make every id() equal.
+    monkeypatch.setattr(steering_scale, "id", lambda obj: 1, raising=False)
+    monkeypatch.setattr(experiments, "load_variant", lambda exp, variant: swapped)
+    lookup = steering_scale._from_calibration
+
+    def load_lands_meanwhile(st: ServerState):  # a /model/load while the scales are looked up
+        if st.loaded is tiny_llama:
+            model_api._load(st, model_api.LoadRequest(variant="tiny"))
+        return lookup(st)
+
+    monkeypatch.setattr(steering_scale, "_from_calibration", load_lands_meanwhile)
+    steering_scale.norm_scales(state)
+    assert state.loaded is swapped
+    scales = steering_scale.norm_scales(state)
+    assert scales[1] == pytest.approx(expected[1], rel=1e-5)  # not the old model's
+    assert state.generation == 1
+
+
+def _run_live(loaded, setup: LiveSetup, ids: list[int], store, generation: int) -> int:
+    live = LiveGeneration(loaded, setup, ids, 3, threading.Lock(), store=store,
+                          generation=generation)
+    live.prefill()
+    while not live.finished:
+        live.step()
+    return live.reused
+
+
+def test_kept_conversations_belong_to_one_model_load(tiny_llama):
+    ids = template_ids(tiny_llama.tokenizer, HELLO)[1]
+    store, setup = ConversationCache(), LiveSetup((), ())
+    assert _run_live(tiny_llama, setup, ids, store, 0) == 0
+    assert _run_live(tiny_llama, setup, ids, store, 0) == len(ids) - 1  # same load: reused
+    assert _run_live(tiny_llama, setup, ids, store, 1) == 0  # a new load: not
+
+
+def test_concurrent_streams_are_capped(state):
+    client = TestClient(_app(state))
+    state.active_streams = MAX_STREAMS  # as if that many were running
+    try:
+        answer = client.post("/api/chat", json={"messages": HELLO, "max_tokens": 2})
+        assert answer.status_code == 429 and "streams" in answer.json()["error"]
+        assert state.active_streams == MAX_STREAMS
+        state.active_streams = MAX_STREAMS - 1
+        events = _events(client.post("/api/chat", json={"messages": HELLO,
+                                                        "max_tokens": 2}).text)
+        assert events[-1]["done"] and state.active_streams == MAX_STREAMS - 1
+    finally:
+        state.active_streams = 0
+
+
+def test_chat_body_must_be_sent_as_json(state):
+    form = b'{"messages": [{"role": "user", "content": "hi="}], "max_tokens": 2}'
+    for headers in ({"content-type": "text/plain"}, {}):
+        response = TestClient(_app(state)).post("/api/chat", content=form, headers=headers)
+        assert response.status_code == 415, response.text
+        assert "application/json" in response.json()["error"]
+    assert state.active_streams == 0
+
+
 LONG = [{"role": "user", "content": "tides " * 600}]
 
 
 @pytest.mark.parametrize(("body", "status", "words"), [
     (b"{not json", 400, "not valid JSON"),
+    (b'"hello"', 422, "must be a JSON object"),
+    (b"[1, 2]", 422, "must be a JSON object"),
     ({}, 422, "messages"),
     ({"messages": []}, 422, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 422, "role"),

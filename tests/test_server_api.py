@@ -7,9 +7,12 @@ Routes run through FastAPI's test client and through a real uvicorn on a free lo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import hashlib
 import json
+import logging
 import shutil
 import socket
 import threading
@@ -31,7 +34,7 @@ from residlab.inference.raw import load_raw
 from residlab.inference.responses import generate_responses
 from residlab.server import model_api
 from residlab.server.app import STATIC_DIR, create_app
-from residlab.server.security import check_bind, is_loopback
+from residlab.server.security import check_bind, is_loopback, resolve_token
 from residlab.server.state import ServerState
 from residlab.traits.vectors import TraitVector, save_vector
 
@@ -228,7 +231,51 @@ def test_generate_with_capture_equals_hidden_states(client, tiny_llama):
                                        hidden[layer + 1][0, end:], atol=1e-5, rtol=1e-5)
 
 
-def test_model_load_replaces_the_model(client, tiny_gpt2_dir):
+def test_capture_answer_over_the_limit_is_413_before_generating(client, monkeypatch):
+    from residlab.inference.capture import STORAGE_DTYPES
+
+    monkeypatch.setattr(model_api, "MAX_CAPTURE_ANSWER_BYTES", 200_000)
+    generated: list[int] = []
+    real_generate = model_api.generate_ids
+
+    def counting(*args, **kwargs):
+        generated.append(1)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(model_api, "generate_ids", counting)
+    every = ["residual", "attn_contribution", "mlp_contribution"]
+    big = client.post("/generate/with-capture", json={
+        "prompt": ["Write a poem.", "Paris?"], "max_new_tokens": 100, "components": every})
+    assert big.status_code == 413, big.text
+    assert "fewer layers" in big.json()["error"] and "/capture" in big.json()["error"]
+    assert generated == []  # refused before anything ran
+    small = client.post("/generate/with-capture", json={
+        "prompt": ["Write a poem.", "Paris?"], "max_new_tokens": 5, "layers": "1",
+        "dtype": "bf16"})
+    assert small.status_code == 200 and generated == [1]
+    results = small.json()["results"]
+    rows = [r["token_ids"][:r["prompt_end"]] for r in results]
+    bound = model_api.capture_answer_bytes(rows, 5, 1, 1, 64,
+                                           STORAGE_DTYPES["bf16"].itemsize)
+    sent = sum(len(r["activations"]) for r in results)
+    assert sent <= bound < 4 * sent  # an upper bound, and not a wild one
+
+
+def test_new_tokens_per_request_are_capped(client):
+    from pydantic import ValidationError
+
+    answer = client.post("/generate", json={"prompt": ["Hi"] * model_api.MAX_PROMPTS,
+                                            "max_new_tokens": model_api.MAX_NEW_TOKENS})
+    assert answer.status_code == 422 and "new tokens per request" in answer.json()["error"]
+    limit = model_api.MAX_BATCH_TOKENS
+    with pytest.raises(ValidationError, match="new tokens per request"):
+        model_api.IdsRequest(prompts=[[5]] * (limit // 4096 + 1), max_new_tokens=4096)
+    model_api.IdsRequest(prompts=[[5]] * (limit // 4096), max_new_tokens=4096)  # at the cap
+
+
+def test_model_load_replaces_the_model(state, static_dir, tiny_gpt2_dir):
+    client = TestClient(create_app(state, static_dir=static_dir, allow_model_load=True),
+                        base_url="http://127.0.0.1:8765")
     loaded = client.post("/model/load", json={"model": str(tiny_gpt2_dir), "dtype": "fp32",
                                               "device": "cpu"})
     assert loaded.status_code == 200
@@ -236,6 +283,59 @@ def test_model_load_replaces_the_model(client, tiny_gpt2_dir):
     back = client.post("/model/load", json={"variant": "base"}).json()
     assert back["n_layers"] == 4 and back["variant"] == "base"
     assert client.post("/model/load", json={"variant": "nope"}).status_code == 404
+    assert state.generation == 2  # one per load: what the caches key on
+
+
+def test_model_load_by_path_needs_the_switch(client, state, tiny_gpt2_dir, tiny_llama):
+    refused = client.post("/model/load", json={"model": str(tiny_gpt2_dir), "device": "cpu"})
+    assert refused.status_code == 403 and "--allow-model-load" in refused.json()["error"]
+    assert state.loaded is tiny_llama and state.generation == 0  # nothing loaded
+    variant = client.post("/model/load", json={"variant": "base"})  # always allowed
+    assert variant.status_code == 200 and variant.json()["variant"] == "base"
+
+
+def test_an_unavailable_device_is_400(state, static_dir, tiny_gpt2_dir, tiny_llama):
+    client = TestClient(create_app(state, static_dir=static_dir, allow_model_load=True),
+                        base_url="http://127.0.0.1:8765", raise_server_exceptions=False)
+    absent = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (or none at all)
+    for device in (absent, "meta"):
+        answer = client.post("/model/load", json={"model": str(tiny_gpt2_dir), "device": device})
+        assert answer.status_code == 400, (device, answer.text)
+        assert device in answer.json()["error"]
+    assert state.loaded is tiny_llama
+
+
+def test_a_second_load_while_one_runs_is_409(state, static_dir, tiny_llama, monkeypatch):
+    from residlab import experiments
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_load(experiment, variant):
+        calls.append(variant)
+        started.set()
+        if len(calls) == 1:
+            release.wait(10)  # the first load takes a while
+        return tiny_llama
+
+    monkeypatch.setattr(experiments, "load_variant", slow_load)
+    app = create_app(state, static_dir=static_dir)
+
+    async def two_loads():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            first = asyncio.create_task(http.post("/model/load", json={"variant": "base"}))
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            second = await http.post("/model/load", json={"variant": "base"})
+            release.set()
+            return await first, second
+
+    first, second = asyncio.run(two_loads())
+    assert first.status_code == 200 and second.status_code == 409, second.text
+    assert "loading" in second.json()["error"] and calls == ["base"]
+    again = TestClient(app, base_url="http://127.0.0.1").post("/model/load",
+                                                               json={"variant": "base"})
+    assert again.status_code == 200 and calls == ["base", "base"]  # the lock was released
 
 
 def test_no_model_loaded_is_409(static_dir):
@@ -281,19 +381,51 @@ def test_capture_and_extract_viz_tasks(client, tiny_llama, experiment):
     assert bad.status_code == 422
 
 
+def test_tasks_run_on_one_worker_with_a_bounded_queue(client, state):
+    from residlab.server.tasks import MAX_PENDING
+
+    residlab_log = logging.getLogger("residlab")
+    handlers = list(residlab_log.handlers)
+    with state.model_lock:  # a long generation holds the model
+        first = client.post("/capture", json={"prompt_set": "baseline", "layers": "1"})
+        deadline = time.monotonic() + 5
+        while state.task_runner.pending() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the worker took it and waits for the model
+        answers = [client.post("/capture", json={"prompt_set": "baseline", "layers": "1"})
+                   for _ in range(MAX_PENDING + 3)]
+        workers = [t for t in threading.enumerate() if t.name.startswith("residlab-")]
+        progress = [h for h in residlab_log.handlers if h not in handlers]
+    assert first.status_code == 202
+    assert [a.status_code for a in answers] == [202] * MAX_PENDING + [429] * 3
+    assert "waiting" in answers[-1].json()["error"]
+    assert len(workers) == 1 and len(progress) <= 1
+    accepted = [first.json()["id"]] + [a.json()["id"] for a in answers[:MAX_PENDING]]
+    assert len(state.tasks) == MAX_PENDING + 1  # refused tasks leave no record
+    for task_id in accepted:  # they all run (and fail: no responses), one after another
+        assert _wait(client, task_id)["status"] == "error"
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("residlab-") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the task worker did not exit"
+        time.sleep(0.01)
+    assert residlab_log.handlers == handlers
+
+
 # --- bad input and errors --------------------------------------------------------------------
 
 def test_bad_bodies_are_json_errors(client):
     cases = [
         (b"{not json", 400), (b'{"prompt": "hi", "max_new_tokens": 0}', 422),
         (b'{"prompt": "hi", "max_new_tokens": 100000000}', 422),
-        (b'{"prompt": "hi", "surprise": 1}', 422), (b"[1, 2]", 422),
+        (b'{"prompt": "hi", "surprise": 1}', 422), (b"[1, 2]", 422), (b'"hello"', 422),
     ]
     for body, status in cases:
         answer = client.post("/generate", content=body,
                              headers={"content-type": "application/json"})
         assert answer.status_code == status, body
         assert set(answer.json()) == {"error"}
+    not_object = client.post("/generate", content=b'"hello"',
+                             headers={"content-type": "application/json"})
+    assert "must be a JSON object" in not_object.json()["error"]
     too_long = client.post("/generate", json={"prompt": "hi", "max_new_tokens": 600})
     assert too_long.status_code == 400 and "context" in too_long.json()["error"]
 
@@ -337,10 +469,87 @@ def test_token_in_the_query_once_sets_a_strict_cookie(state, static_dir):
     assert client.post("/generate/ids", json={"prompts": [[5]], "max_new_tokens": 1}
                        ).status_code == 200
     client.cookies.clear()
-    client.cookies.set("residlab_token", "forged")
+    client.cookies.set("residlab_token_80", "forged")
     assert client.get("/chat").status_code == 401
     redirect = client.get(f"//evil.example/x?token={TOKEN}")
     assert not redirect.headers.get("location", "/").startswith("//")
+
+
+def test_token_cookie_survives_malformed_cookies_and_is_named_per_port(state, static_dir):
+    state.token = TOKEN
+    client = TestClient(create_app(state, static_dir=static_dir),
+                        base_url="http://127.0.0.1:8765", follow_redirects=False)
+    name, _, rest = client.get(f"/chat?token={TOKEN}").headers["set-cookie"].partition("=")
+    value = rest.split(";")[0]
+    assert name == "residlab_token_8765"
+    assert value == hashlib.sha256(b"residlab-cookie:" + TOKEN.encode()).hexdigest()
+    client.cookies.clear()
+    for header in (f"x=a b; {name}={value}", f'x={{"a":1}}; {name}={value}',
+                   f"{name}={value}; y=a b", f"  {name}={value} ;z"):
+        assert client.get("/health", headers={"cookie": header}).status_code == 200, header
+    for header in (f"residlab_token_9999={value}", f"x=a b; {name}=forged", f"{name}x={value}"):
+        assert client.get("/health", headers={"cookie": header}).status_code == 401, header
+
+
+def test_a_non_ascii_token_is_refused_at_startup(monkeypatch, capsys):
+    from residlab import models
+    from residlab.cli import main
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for token in ("clé-secrète", "tab\there", " padded"):
+        with pytest.raises(UsageError, match="ASCII"):
+            resolve_token(token)
+    monkeypatch.setenv("RESIDLAB_TOKEN", "pässwort")
+    with pytest.raises(UsageError, match="ASCII"):
+        resolve_token(None)
+    assert main(["serve", "--model", "default"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ASCII" in err and "\n" not in err
+    assert resolve_token("plain-ascii_token.1") == "plain-ascii_token.1"
+
+
+def test_cross_origin_requests_that_change_things_are_refused(client):
+    body = {"prompts": [[5]], "max_new_tokens": 1}
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": "http://127.0.0.1:9999"},  # another port of this machine
+                    {"Origin": "http://localhost:8765"}, {"Origin": "garbage"},
+                    {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}):
+        answer = client.post("/generate/ids", json=body, headers=headers)
+        assert answer.status_code == 403, headers
+        assert "another origin" in answer.json()["error"]
+    for headers in ({}, {"Origin": "http://127.0.0.1:8765"}, {"Sec-Fetch-Site": "none"},
+                    {"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1:8765"}):
+        assert client.post("/generate/ids", json=body, headers=headers).status_code == 200, \
+            headers
+    cross = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+    assert client.get("/health", headers=cross).status_code == 200  # it cannot read it
+
+
+def test_a_cross_site_form_cannot_start_a_chat(client, state):
+    form = b'{"messages": [{"role": "user", "content": "hi="}], "max_tokens": 2}'  # text/plain
+    for headers in ({"content-type": "text/plain"}, {},
+                    {"content-type": "application/x-www-form-urlencoded"}):
+        answer = client.post("/api/chat", content=form, headers=headers)
+        assert answer.status_code == 415, headers
+        assert "application/json" in answer.json()["error"]
+    browser = {"content-type": "text/plain", "Origin": "http://evil.example",
+               "Sec-Fetch-Site": "cross-site"}
+    assert client.post("/api/chat", content=form, headers=browser).status_code == 403
+    assert client.post("/generate", content=b'{"prompt": "hi="}',
+                       headers={"content-type": "text/plain"}).status_code == 415
+    assert state.active_streams == 0
+    own_page = {"content-type": "application/json", "Origin": "http://127.0.0.1:8765",
+                "Sec-Fetch-Site": "same-origin"}
+    answer = client.post("/api/chat", content=form, headers=own_page)
+    assert answer.status_code == 200 and '"done":true' in answer.text
+
+
+def test_docs_pages_are_off_and_the_openapi_document_is_served(client):
+    assert client.get("/docs").status_code == 404
+    assert client.get("/redoc").status_code == 404
+    document = client.get("/openapi.json")
+    assert document.status_code == 200 and "/generate" in document.json()["paths"]
 
 
 def test_host_header_check_on_loopback(client, state, static_dir):
@@ -368,7 +577,8 @@ def test_body_limit_with_and_without_content_length(state, static_dir):
     body = json.dumps({"prompts": [[5] * 1500], "max_new_tokens": 1}).encode()
     small = json.dumps({"prompts": [[5, 6]], "max_new_tokens": 1}).encode()
     client = TestClient(app, base_url="http://127.0.0.1")
-    assert client.post("/generate/ids", content=body).status_code == 413
+    assert client.post("/generate/ids", content=body,
+                       headers={"content-type": "application/json"}).status_code == 413
     with serve_in_thread(app) as url:
         head = "POST /generate/ids HTTP/1.1\nHost: 127.0.0.1\nContent-Type: application/json\n"
         status, payload = raw_request(url, head + f"Content-Length: {len(body)}\n"
@@ -458,6 +668,31 @@ def test_serve_on_a_public_host_without_token_is_one_line_exit_2(monkeypatch, ca
     assert main(["serve", "--host", "0.0.0.0", "--model", "default"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--token" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_serve_answers_to_the_loopback_address_it_binds(monkeypatch, tiny_llama):
+    import uvicorn
+
+    from residlab import models
+
+    started: list = []
+    monkeypatch.delenv("RESIDLAB_TOKEN", raising=False)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: tiny_llama)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append((app, kw)))
+    run_serve(ServeOptions(host="127.0.0.2", port=8765, model="default"))
+    ((app, where),) = started
+    assert where["host"] == "127.0.0.2"
+    client = TestClient(app, base_url="http://127.0.0.2:8765")
+    assert client.get("/health").status_code == 200
+    for host in ("localhost:8765", "127.0.0.1"):
+        assert client.get("/health", headers={"host": host}).status_code == 200, host
+    for host in ("127.0.0.3:8765", "evil.example"):
+        assert client.get("/health", headers={"host": host}).status_code == 400, host
+    assert client.post("/model/load", json={"model": "default"}).status_code == 403
+    run_serve(ServeOptions(host="127.0.0.2", model="default", allow_model_load=True))
+    opened = TestClient(started[-1][0], base_url="http://127.0.0.2:8765")
+    answer = opened.post("/model/load", json={"model": "default", "device": "cuda:99"})
+    assert answer.status_code == 400 and "cuda:99" in answer.json()["error"]  # not refused
 
 
 def test_health_answers_while_the_model_is_busy(state, static_dir):

@@ -4,6 +4,8 @@ The bind is checked before anything loads: loopback by default; any other addres
 token (``--token`` or ``RESIDLAB_TOKEN``; prefer the variable, a flag shows in ``ps``). With a
 token, every request carries ``Authorization: Bearer T``; a browser opens ``/chat?token=T``
 once and is redirected to ``/chat`` with the token kept as an HttpOnly, SameSite=Strict cookie.
+``POST /model/load`` loads the experiment's variants; loading any hub id or path the server can
+read needs ``--allow-model-load``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class ServeOptions(CommandOptions):
     token: str | None = option(None, "require 'Authorization: Bearer TOKEN' (default: "
                                "RESIDLAB_TOKEN)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
+    allow_model_load: bool = option(False, "let POST /model/load load any hub id or local path "
+                                    "(default: only the experiment's variants)")
 
 
 def build_state(options: ServeOptions, token: str | None):
@@ -67,15 +71,16 @@ def run_serve(options: ServeOptions) -> None:
         from residlab.server.app import create_app
     except ModuleNotFoundError as error:
         raise UsageError(f"the server needs {error.name}: pip install 'residlab[server]'") from None
-    from residlab.server.security import LOOPBACK_NAMES, check_bind, is_loopback, resolve_token
+    from residlab.server.security import allowed_hosts_for, check_bind, resolve_token
 
     token = resolve_token(options.token)
     check_bind(options.host, token)  # before any model loads
     state = build_state(options, token)
     app = create_app(state, max_body_bytes=options.max_body_bytes,
-                     allowed_hosts=LOOPBACK_NAMES if is_loopback(options.host) else None)
+                     allowed_hosts=allowed_hosts_for(options.host),
+                     allow_model_load=options.allow_model_load)
     shown = f"[{options.host}]" if ":" in options.host else options.host
     url = f"http://{shown}:{options.port}"
     hint = " (open /chat?token=... once in a browser)" if token else ""
-    print(f"residlab serve: {url}  chat: {url}/chat{hint}  API: {url}/docs", flush=True)
+    print(f"residlab serve: {url}  chat: {url}/chat{hint}  API: {url}/openapi.json", flush=True)
     uvicorn.run(app, host=options.host, port=options.port, log_level="warning")

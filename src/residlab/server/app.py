@@ -8,9 +8,13 @@ found directly in the static folder or its ``vendor/`` folder, looked up by name
 listing, so ``..``, encoded ``%2e%2e``, absolute paths and symlinks never reach the disk.
 
 Every error is ``{"error": "..."}`` with its status: 400 bad input (malformed JSON, a
-:class:`~residlab.errors.UsageError`), 401 token, 404 unknown route / file / task, 409 no
-model loaded, 413 body too large, 422 a field out of range, 500 a bug (logged, no traceback
-in the answer).
+:class:`~residlab.errors.UsageError`), 401 token, 403 another origin or a refused model load,
+404 unknown route / file / task, 409 no model loaded or a load in progress, 413 body or answer
+too large, 415 a body that is not JSON, 422 a field out of range or a body that is not an
+object, 429 too many tasks or streams, 500 a bug (logged, no traceback in the answer).
+
+The OpenAPI document is at ``/openapi.json``; the ``/docs`` and ``/redoc`` pages are off (they
+load scripts from a CDN into this origin).
 """
 
 from __future__ import annotations
@@ -95,12 +99,16 @@ def _add_static_routes(app: FastAPI, root: Path) -> None:
 
 
 def _validation_message(error: RequestValidationError) -> tuple[int, str]:
-    """``(status, one line)``: 400 for a body that is not JSON, 422 for fields."""
+    """``(status, one line)``: 400 for a body that is not JSON, 422 for fields or a body that
+    is JSON but not an object."""
     errors = error.errors()
     if any(e.get("type") == "json_invalid" or (tuple(e.get("loc", ())) == ("body",)
-           and isinstance(e.get("input"), bytes | str)) for e in errors):
+           and isinstance(e.get("input"), bytes)) for e in errors):
         return 400, "the request body is not valid JSON (send a JSON object as " \
                     "application/json)"
+    if any(tuple(e.get("loc", ())) == ("body",) and not isinstance(e.get("input"), dict)
+           for e in errors):
+        return 422, "the request body must be a JSON object ({...})"
     parts = []
     for item in errors[:5]:
         where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
@@ -134,13 +142,16 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                static_dir: str | Path | None = None,
-               allowed_hosts: frozenset[str] | set[str] | None = LOOPBACK_NAMES) -> FastAPI:
+               allowed_hosts: frozenset[str] | set[str] | None = LOOPBACK_NAMES,
+               allow_model_load: bool = False) -> FastAPI:
     """The server's app. ``allowed_hosts=None`` turns the Host check off (a non-loopback bind,
-    where the token guards instead); ``static_dir`` defaults to the package's page."""
+    where the token guards instead); ``static_dir`` defaults to the package's page;
+    ``allow_model_load`` lets ``POST /model/load`` load any hub id or server path (otherwise
+    only the served experiment's variants)."""
     app = FastAPI(title="residlab", summary="Model server and Live Chat for residlab",
-                  version="1")
+                  version="1", docs_url=None, redoc_url=None)
     app.state.residlab = state
-    app.include_router(model_router(state))
+    app.include_router(model_router(state, allow_model_load=allow_model_load))
     app.include_router(tasks_router(state))
     app.include_router(chat_router(state))
     _add_static_routes(app, Path(static_dir) if static_dir is not None else STATIC_DIR)

@@ -2,9 +2,11 @@
 
 Every problem found before the stream starts is a JSON error ``{"error": "..."}`` with its
 status: 400 body not JSON, 404 unknown trait, 409 no model loaded, 413 a conversation that
-leaves no room in the model's context, 422 malformed messages or a field out of range
-(``max_tokens`` <= 0 or above :data:`MAX_TOKENS`, or more than the context has left). Once the
-stream has started, a failure is a last event ``{"error": "...", "done": true}``.
+leaves no room in the model's context, 415 a body not sent as ``application/json`` (what a
+cross-site form sends), 422 a body that is not an object, malformed messages or a field out of
+range (``max_tokens`` <= 0 or above :data:`MAX_TOKENS`, or more than the context has left),
+429 :data:`MAX_STREAMS` streams running already. Once the stream has started, a failure is a
+last event ``{"error": "...", "done": true}``.
 
 Stream events, one ``data: {json}`` each: ``{"status": "loading", "vector_metadata": {...}}``;
 one per prompt token from ``previous_context_length`` on and one per generated token
@@ -30,14 +32,16 @@ from residlab.errors import NotFound, UsageError
 from residlab.generation import context_length
 from residlab.prompts import template_ids
 from residlab.server.live import ConversationCache, LiveGeneration, LiveSetup, Steer, Trait
+from residlab.server.security import is_json
 from residlab.server.state import ServerState
 from residlab.server.steering_scale import norm_scales
 
-__all__ = ["MAX_TOKENS", "ChatRequest", "chat_router", "available_traits"]
+__all__ = ["MAX_STREAMS", "MAX_TOKENS", "ChatRequest", "chat_router", "available_traits"]
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 8192  # per request; more is surely a mistake
+MAX_STREAMS = 32  # streams at once: each holds a key-value cache and a share of the model
 MAX_COEFFICIENT = 100.0  # in typical norms: far beyond anything coherent
 CONVERSATIONS = "chat_conversations"  # state.cache key of the ConversationCache
 
@@ -130,19 +134,19 @@ def _setup(state: ServerState, request: ChatRequest) -> LiveSetup:
     return LiveSetup(tuple(traits), steering, request.steer_prompt)
 
 
-def _prompt_ids(state: ServerState, request: ChatRequest) -> list[int]:
+def _prompt_ids(loaded, request: ChatRequest) -> list[int]:
     """Templated ids of the conversation; a conversation that does not fit is refused."""
     if request.messages[-1].role != "user":
         raise UsageError("the last message must be the user's (role 'user'): the model "
                          "answers it")
     messages = [m.model_dump() for m in request.messages]
     try:
-        ids = template_ids(state.loaded.tokenizer, messages)[1]
+        ids = template_ids(loaded.tokenizer, messages)[1]
     except UsageError:
         raise
     except Exception as error:  # the template's own checks (e.g. roles must alternate)
         raise UsageError(f"the model's chat template refused these messages: {error}") from None
-    limit = context_length(state.loaded.model)
+    limit = context_length(loaded.model)
     if limit is not None and len(ids) >= limit:
         raise _TooLong(f"the conversation is {len(ids)} tokens and the model's context is "
                        f"{limit}; start a new conversation or remove earlier messages")
@@ -171,12 +175,15 @@ def _conversations(state: ServerState) -> ConversationCache:
 
 
 def _prepare(state: ServerState, request: ChatRequest) -> LiveGeneration:
-    """Everything checked and resolved before the first byte of the stream."""
-    ids = _prompt_ids(state, request)
-    return LiveGeneration(state.loaded, _setup(state, request), ids, request.max_tokens,
+    """Everything checked and resolved before the first byte of the stream, for the model
+    loaded now (a load meanwhile does not mix two models in one stream)."""
+    loaded, generation = state.loaded, state.generation
+    ids = _prompt_ids(loaded, request)
+    return LiveGeneration(loaded, _setup(state, request), ids, request.max_tokens,
                           state.model_lock, temperature=request.temperature, seed=request.seed,
                           store=_conversations(state),
-                          first_event=min(request.previous_context_length, len(ids)))
+                          first_event=min(request.previous_context_length, len(ids)),
+                          generation=generation)
 
 
 def _event(payload: dict[str, Any]) -> str:
@@ -184,9 +191,13 @@ def _event(payload: dict[str, Any]) -> str:
 
 
 async def _stream(state: ServerState, request: Request, live: LiveGeneration):
-    """The events of one generation; every path out frees the stream's cache."""
+    """The events of one generation; every path out frees the stream's cache.
+
+    The first item is ``None``, taken by :func:`_chat` before the response exists: from then
+    on the stream is counted, and closing it (or collecting it unread) runs ``finally``."""
     state.active_streams += 1
     try:
+        yield None
         metadata = {t.name: t.metadata for t in live.setup.traits}
         yield _event({"status": "loading", "vector_metadata": metadata})
         for event in await anyio.to_thread.run_sync(live.prefill):
@@ -208,22 +219,45 @@ async def _stream(state: ServerState, request: Request, live: LiveGeneration):
         state.active_streams -= 1
 
 
-async def _chat(state: ServerState, request: Request) -> Response:
+def _busy() -> JSONResponse:
+    return _error(429, f"{MAX_STREAMS} chat streams are running; wait for one to finish and "
+                       "try again")
+
+
+async def _parse(request: Request) -> ChatRequest | JSONResponse:
+    """The request's body as a ChatRequest, or the JSON error saying what is wrong with it."""
+    if not is_json(request.headers.get("content-type")):
+        return _error(415, "send the body as JSON with 'Content-Type: application/json'")
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError:
         return _error(400, "the request body is not valid JSON")
+    if not isinstance(body, dict):
+        return _error(422, "the request body must be a JSON object ({\"messages\": [...]})")
     try:
-        parsed = ChatRequest.model_validate(body)
+        return ChatRequest.model_validate(body)
     except ValidationError as error:
         return _error(422, _validation_message(error))
+
+
+async def _chat(state: ServerState, request: Request) -> Response:
+    parsed = await _parse(request)
+    if isinstance(parsed, JSONResponse):
+        return parsed
     if state.loaded is None:
         return _error(409, "no model is loaded; load one with POST /model/load")
+    if state.active_streams >= MAX_STREAMS:
+        return _busy()  # before any work
     try:
         live = await anyio.to_thread.run_sync(_prepare, state, parsed)
     except UsageError as error:
         return _error(_status(error), str(error))
-    return EventSourceResponse(_stream(state, request, live), sep="\n")
+    if state.active_streams >= MAX_STREAMS:  # others started while this one prepared
+        live.close()
+        return _busy()
+    events = _stream(state, request, live)
+    await anext(events)  # counted now: nothing ran on the event loop since the check
+    return EventSourceResponse(events, sep="\n")
 
 
 def _trait_rows(state: ServerState) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ steered too; ``steer_prompt`` steers every prompt position as well. Readouts see
 activation (what the next layer reads).
 
 Key-value cache reuse: a finished conversation's cache is kept (a small LRU per server). A new
-request with the same setup (model, readout vectors, steering vectors, ``steer_prompt``) whose
+request with the same setup (model load, readout vectors, steering vectors, ``steer_prompt``) whose
 templated ids share a prefix with a kept conversation resumes from it. Reuse stops where the
 ids differ (an edited earlier message, a re-tokenised answer) and, when steering only the
 generated part, at the first steered position (a fresh prefill would not steer those tokens
@@ -85,8 +85,10 @@ class LiveSetup:
         return [Add(s.trait.layer, s.vector.to(device), site="resid_post", positions=positions)
                 for s in self.steering if s.coefficient != 0]
 
-    def key(self, model: Any) -> str:
-        digest = hashlib.sha256(f"{id(model)}:{self.steer_prompt}".encode())
+    def key(self, model: Any, *, generation: int = 0) -> str:
+        """Equal for setups whose caches are interchangeable: the same model load (the server's
+        ``generation``, since an ``id()`` can be reused by the next model), hooks and vectors."""
+        digest = hashlib.sha256(f"{generation}:{id(model)}:{self.steer_prompt}".encode())
         for trait in self.traits:
             digest.update(f"r:{trait.name}:{trait.layer}".encode())
             digest.update(trait.unit.float().cpu().numpy().tobytes())
@@ -191,6 +193,7 @@ class LiveGeneration:
     seed: int | None = None
     store: ConversationCache | None = None
     first_event: int = 0  # prompt tokens before this index are not sent again
+    generation: int = 0  # the server's model load this runs on (kept caches are per load)
     generated: list[int] = field(default_factory=list)
     finished: bool = False
     reused: int = 0  # prompt tokens whose cache was reused
@@ -201,7 +204,7 @@ class LiveGeneration:
         self.arch = resolve_arch(model)
         self.stops = set(stop_token_ids(model, self.loaded.tokenizer))
         self.special = set(self.loaded.tokenizer.all_special_ids)
-        self.key = self.setup.key(model)
+        self.key = self.setup.key(model, generation=self.generation)
         self.readouts, self.where = self.setup.readouts()
         self.adds = self.setup.adds(self.device)
         self.fed: list[int] = []  # token ids whose keys/values are in the cache

@@ -6,17 +6,24 @@ generation runs, and requests take the model one at a time. ``POST /generate/ids
 exact ``generate_ids`` call of ``residlab responses`` Mode A (token ids in, new ids out), and
 ``POST /generate/settings`` the matching ``effective_generation_settings``, so responses made
 through the server are the files a local run writes.
+
+``POST /model/load`` loads one model at a time (a second load meanwhile is 409), loads the
+served experiment's variants, and loads any hub id or server path only when the server was
+started with ``--allow-model-load`` (403 otherwise). A request may ask for at most
+:data:`MAX_BATCH_TOKENS` new tokens over all its prompts (422), and ``/generate/with-capture``
+refuses (413) an answer estimated over :data:`MAX_CAPTURE_ANSWER_BYTES`.
 """
 
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import torch
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from residlab.errors import UsageError
@@ -26,11 +33,15 @@ from residlab.options import DType, StorageDType
 from residlab.server.state import ServerState
 from residlab.server.tasks import active_tasks
 
-__all__ = ["MAX_NEW_TOKENS", "MAX_PROMPTS", "health", "model_router", "run_locked"]
+__all__ = ["MAX_BATCH_TOKENS", "MAX_CAPTURE_ANSWER_BYTES", "MAX_NEW_TOKENS", "MAX_PROMPTS",
+           "capture_answer_bytes", "health", "model_router", "run_locked"]
 
 T = TypeVar("T")
 MAX_PROMPTS = 64  # prompts per request
 MAX_NEW_TOKENS = 8192
+MAX_BATCH_TOKENS = 131_072  # prompts x max_new_tokens per request (16 x 8192, 64 x 2048)
+MAX_CAPTURE_ANSWER_BYTES = 256 * 2**20  # base64 activations in one /generate/with-capture answer
+SAFETENSORS_ENTRY_BYTES = 256  # header bytes per tensor, generously
 Component = Literal["residual", "attn_contribution", "mlp_contribution"]
 
 
@@ -41,9 +52,16 @@ class _Strict(BaseModel):
 class LoadRequest(_Strict):
     variant: str | None = Field(None, description="a variant of the served experiment")
     model: str | None = Field(None, description="hub id, local folder or 'default' (no "
-                              "experiment needed)")
+                              "experiment needed; the server needs --allow-model-load)")
     dtype: DType = Field("bf16", description="with 'model' only (a variant has its own)")
     device: str = Field("auto", description="with 'model' only")
+
+
+def _check_batch_tokens(n_prompts: int, max_new_tokens: int) -> None:
+    if n_prompts * max_new_tokens > MAX_BATCH_TOKENS:
+        raise ValueError(f"{n_prompts} prompts x max_new_tokens={max_new_tokens} is over "
+                         f"{MAX_BATCH_TOKENS} new tokens per request; send fewer prompts per "
+                         "request or lower max_new_tokens")
 
 
 class GenerationSettings(_Strict):
@@ -72,11 +90,22 @@ class IdsSettings(_Strict):
 class IdsRequest(IdsSettings):
     prompts: list[list[int]] = Field(..., min_length=1, max_length=MAX_PROMPTS)
 
+    @model_validator(mode="after")
+    def _batch_tokens(self) -> IdsRequest:
+        _check_batch_tokens(len(self.prompts), self.max_new_tokens)
+        return self
+
 
 class GenerateRequest(GenerationSettings):
     prompt: str | list[str] = Field(..., description="one prompt or a batch")
     system_prompt: str | None = None
     chat_template: bool = Field(True, description="false: the text is tokenised as it is")
+
+    @model_validator(mode="after")
+    def _batch_tokens(self) -> GenerateRequest:
+        _check_batch_tokens(1 if isinstance(self.prompt, str) else len(self.prompt),
+                            self.max_new_tokens)
+        return self
 
     def prompts(self) -> list[str]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -149,6 +178,26 @@ def _arch(state: ServerState):
     return state.cache["server.arch"]
 
 
+def _check_device(device: str) -> None:
+    """Refuse a device this machine does not have (it would fail deep inside the load)."""
+    from residlab.models import resolve_device
+
+    where = resolve_device(device)  # an unknown name is a UsageError already
+    if where.type == "cpu":
+        return
+    if where.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (where.index or 0) < count:
+            return
+        have = f"cuda:0 to cuda:{count - 1}" if count else "no CUDA device"
+        raise UsageError(f"device {device!r} is not available on this server ({have}); use "
+                         "auto, cpu or a device it has")
+    if where.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise UsageError(f"device {device!r} is not available on this server; use auto, cpu, "
+                     "cuda, cuda:N or mps where present")
+
+
 def _load(state: ServerState, request: LoadRequest) -> None:
     """Load what ``request`` names and make it the served model (the old one stays until the
     new one loaded)."""
@@ -162,13 +211,16 @@ def _load(state: ServerState, request: LoadRequest) -> None:
                              "folder or 'default') or restart with --experiment")
         from residlab.experiments import load_variant
 
-        variant, _ = state.experiment.variant(request.variant)
+        variant, spec = state.experiment.variant(request.variant)
+        _check_device(spec.device)
         loaded = load_variant(state.experiment, variant)
     else:
         variant = None
+        _check_device(request.device)
         loaded = load_model(request.model, dtype=request.dtype, device=request.device)
     with state.model_lock:
         state.loaded, state.variant = loaded, variant
+        state.generation += 1  # caches made for the old model no longer match
         state.cache.clear()  # norm scales, arch, ... belonged to the old model
 
 
@@ -186,12 +238,17 @@ def _prompt_ids(tokenizer, prompt: str, request: GenerateRequest) -> list[int]:
     return ids
 
 
-def _generate(loaded, request: GenerateRequest,
-              interventions: list[Intervention]) -> list[dict[str, Any]]:
-    """Template, generate as one batch, decode: one result per prompt."""
+def _rows(loaded, request: GenerateRequest) -> list[list[int]]:
+    return [_prompt_ids(loaded.tokenizer, prompt, request) for prompt in request.prompts()]
+
+
+def _generate(loaded, request: GenerateRequest, interventions: list[Intervention],
+              rows: list[list[int]] | None = None) -> list[dict[str, Any]]:
+    """Template (unless ``rows`` are given), generate as one batch, decode: one result per
+    prompt."""
     tokenizer = loaded.tokenizer
     prompts = request.prompts()
-    rows = [_prompt_ids(tokenizer, prompt, request) for prompt in prompts]
+    rows = _rows(loaded, request) if rows is None else rows
     outputs = generate_ids(loaded.model, tokenizer, rows, interventions=interventions,
                            **request.gen())
     special = set(tokenizer.all_special_ids)
@@ -268,17 +325,42 @@ def _generate_steered(loaded, state: ServerState, request: SteeringRequest) -> d
     return {"results": _generate(loaded, request, interventions), "steering": records}
 
 
+def capture_answer_bytes(rows: list[list[int]], max_new_tokens: int, n_layers: int,
+                         n_components: int, d_model: int, itemsize: int) -> int:
+    """An upper bound on the base64 activations of a ``/generate/with-capture`` answer: every
+    prompt and all its new tokens, each selected layer and component, safetensors headers."""
+    tensors = len(rows) * 2 * n_layers * n_components  # a prompt and a response part each
+    tokens = sum(len(row) + max_new_tokens for row in rows)
+    raw = tokens * n_layers * n_components * d_model * itemsize
+    return (raw + tensors * SAFETENSORS_ENTRY_BYTES + 2) // 3 * 4  # base64: 4 per 3 bytes
+
+
+def _check_capture_size(request: CaptureGenerateRequest, rows: list[list[int]],
+                        layers: list[int], d_model: int, itemsize: int) -> None:
+    size = capture_answer_bytes(rows, request.max_new_tokens, len(layers),
+                                len(request.components), d_model, itemsize)
+    if size > MAX_CAPTURE_ANSWER_BYTES:
+        raise HTTPException(413, f"the activations would take up to {size / 2**20:.0f} MiB "
+                                 f"(limit {MAX_CAPTURE_ANSWER_BYTES // 2**20} MiB); capture "
+                                 "fewer layers or components, fewer prompts or max_new_tokens, "
+                                 "or POST /capture to write files instead")
+
+
 def _generate_captured(loaded, request: CaptureGenerateRequest) -> dict[str, Any]:
     """Generate, then one prefill capture over prompt + response (as ``residlab capture``);
-    each result's ``activations`` is a base64 safetensors file named like a raw capture."""
+    each result's ``activations`` is a base64 safetensors file named like a raw capture.
+    An answer estimated over the limit is refused before anything runs."""
     from safetensors.torch import save
 
     from residlab.arch import resolve_arch
     from residlab.inference.capture import STORAGE_DTYPES, capture_records, parse_layers
 
-    results = _generate(loaded, request, [])
     arch = resolve_arch(loaded.model)
     layers = parse_layers(request.layers, arch.n_layers)
+    rows = _rows(loaded, request)
+    _check_capture_size(request, rows, layers, arch.d_model,
+                        STORAGE_DTYPES[request.dtype].itemsize)
+    results = _generate(loaded, request, [], rows)
     captured = capture_records(loaded.model, arch, results, layers, request.components,
                                pad_id=loaded.tokenizer.pad_token_id or 0,
                                dtype=STORAGE_DTYPES[request.dtype])
@@ -288,9 +370,11 @@ def _generate_captured(loaded, request: CaptureGenerateRequest) -> dict[str, Any
     return {"results": results, "layers": layers, "components": request.components}
 
 
-def model_router(state: ServerState) -> APIRouter:
-    """``/health``, ``/model/...`` and ``/generate...`` bound to one server's state."""
+def model_router(state: ServerState, *, allow_model_load: bool = False) -> APIRouter:
+    """``/health``, ``/model/...`` and ``/generate...`` bound to one server's state;
+    ``allow_model_load`` lets ``/model/load`` take any hub id or server path."""
     router = APIRouter(tags=["model"])
+    loading = threading.Lock()  # one load at a time: two models side by side may not fit
 
     @router.get("/health")
     async def get_health() -> dict[str, Any]:
@@ -304,7 +388,18 @@ def model_router(state: ServerState) -> APIRouter:
 
     @router.post("/model/load")
     async def model_load(request: LoadRequest) -> dict[str, Any]:
-        await run_in_threadpool(_load, state, request)
+        """Serve a variant of the experiment (or, with --allow-model-load, any model)."""
+        if request.model is not None and not allow_model_load:
+            raise HTTPException(403, "this server loads only the served experiment's variants "
+                                     "({\"variant\": ...}); restart it with --allow-model-load "
+                                     "to load a hub id or path")
+        if not loading.acquire(blocking=False):
+            raise HTTPException(409, "a model is loading already; wait for it (GET /health) "
+                                     "and try again")
+        try:
+            await run_in_threadpool(_load, state, request)
+        finally:
+            loading.release()
         return health(state)
 
     @router.post("/generate")

@@ -24,3 +24,5 @@ class ServerState:
     tasks: dict[str, Any] = field(default_factory=dict)  # background task id -> its record
     active_streams: int = 0  # chat streams running now (health reports it)
     cache: dict[str, Any] = field(default_factory=dict)  # per-feature caches (norm scales...)
+    generation: int = 0  # +1 per /model/load: caches key on it (an id() can be reused)
+    task_runner: Any | None = None  # residlab.server.tasks.TaskRunner, made on the first task

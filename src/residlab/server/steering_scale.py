@@ -6,12 +6,12 @@ token norm: coefficient 1 adds a vector as long as a typical token's residual. T
 from the experiment's ``calibration.json`` when ``residlab calibrate`` made one (its
 ``median_norm`` if recorded, else ``mean_norm``: response tokens), else it is measured once on
 the shipped calibration prompts (the median token norm of their templated prompt tokens, all
-layers in one pass) and cached in the server state until the model changes.
+layers in one pass) and cached in the server state until the model changes (the cache is keyed
+on ``state.generation``, which every ``/model/load`` increments, and the calibration file).
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import orjson
@@ -29,25 +29,40 @@ __all__ = ["CALIBRATION_SET", "measure_norm_scales", "norm_scales"]
 
 CALIBRATION_SET = "calibration"
 _CACHE_KEY = "norm_scales"
-_guard = threading.Lock()  # one measurement at a time; others wait and read the cache
 
 
 def norm_scales(state: ServerState) -> dict[int, float]:
-    """``{layer: typical token norm}`` for the loaded model (cached per model object)."""
-    loaded = state.loaded
-    if loaded is None:
+    """``{layer: typical token norm}`` for the loaded model (cached per model load).
+
+    A cached answer never waits; a measurement takes the model lock (so one runs at a time,
+    and the model cannot change under it) and stores what it measured under the load it
+    measured (``state.generation``), so a model swapped meanwhile is measured afresh."""
+    if state.loaded is None:
         raise RuntimeError("no model is loaded")
-    key = (id(loaded.model), _calibration_key(state))
-    with _guard:
-        cached = state.cache.get(_CACHE_KEY)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        scales = _from_calibration(state)
-        if scales is None:
-            with state.model_lock:
-                scales = measure_norm_scales(loaded)
+    cached = _cached(state)
+    if cached is not None:
+        return cached
+    key = _key(state)  # before reading: a model swapped meanwhile makes this entry stale
+    scales = _from_calibration(state)
+    if scales is not None:
         state.cache[_CACHE_KEY] = (key, scales)
         return scales
+    with state.model_lock:
+        cached = _cached(state)  # measured by another request while this one waited
+        if cached is not None:
+            return cached
+        key, scales = _key(state), measure_norm_scales(state.loaded)
+        state.cache[_CACHE_KEY] = (key, scales)
+        return scales
+
+
+def _key(state: ServerState) -> tuple[int, tuple[str, float] | None]:
+    return state.generation, _calibration_key(state)
+
+
+def _cached(state: ServerState) -> dict[int, float] | None:
+    cached = state.cache.get(_CACHE_KEY)
+    return cached[1] if cached is not None and cached[0] == _key(state) else None
 
 
 def _calibration_key(state: ServerState) -> tuple[str, float] | None:

@@ -1,10 +1,12 @@
 """Background tasks: a capture or an extract-viz run that outlives its request.
 
-A task is a thread that takes the model lock for the whole run (the stage functions batch
-their own forwards), so generations and chat tokens wait while it holds the model. ``GET
-/tasks/{id}`` reads the record: status ``queued`` -> ``running`` -> ``done`` | ``error``, the
-last progress line the stage logged from that thread (``progress``), the result, or the error
-as one line. Finished records beyond :data:`KEEP_FINISHED` are dropped, oldest first.
+Tasks run one after another on one worker thread (:class:`TaskRunner`), each holding the
+model lock for its whole run (the stage functions batch their own forwards), so generations
+and chat tokens wait while it holds the model. At most :data:`MAX_PENDING` tasks wait; more
+are refused (429). ``GET /tasks/{id}`` reads the record: status ``queued`` -> ``running`` ->
+``done`` | ``error``, the last progress line the stage logged from the worker while it ran
+(``progress``), the result, or the error as one line. Finished records beyond
+:data:`KEEP_FINISHED` are dropped, oldest first.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -25,12 +28,13 @@ from residlab.errors import UsageError
 from residlab.options import StorageDType
 from residlab.server.state import ServerState
 
-__all__ = ["KEEP_FINISHED", "CaptureRequest", "ExtractVizRequest", "TaskRecord", "active_tasks",
-           "start_task", "tasks_router"]
+__all__ = ["KEEP_FINISHED", "MAX_PENDING", "CaptureRequest", "ExtractVizRequest", "TaskRecord",
+           "TaskRunner", "active_tasks", "start_task", "tasks_router"]
 
 log = logging.getLogger(__name__)
 
 KEEP_FINISHED = 100
+MAX_PENDING = 16  # tasks waiting for the worker; more are refused
 Status = Literal["queued", "running", "done", "error"]
 
 
@@ -95,14 +99,63 @@ def _run(state: ServerState, task: TaskRecord, work: Callable[[], dict[str, Any]
         logger.removeHandler(handler)
 
 
-def start_task(state: ServerState, kind: str,
-               work: Callable[[], dict[str, Any]]) -> TaskRecord:
-    """Queue ``work`` (run under the model lock in its own thread); returns its record."""
+Work = Callable[[], dict[str, Any]]
+_runner_guard = threading.Lock()
+
+
+class TaskRunner:
+    """One worker thread runs the queued tasks in order. It exits when the queue is empty and
+    the next task starts a new one, so an idle server holds no thread."""
+
+    def __init__(self, state: ServerState, max_pending: int = MAX_PENDING):
+        self.state, self.max_pending = state, max_pending
+        self._queue: deque[tuple[TaskRecord, Work]] = deque()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+
+    def submit(self, task: TaskRecord, work: Work) -> None:
+        """Queue ``work``; 429 when :attr:`max_pending` tasks are already waiting."""
+        with self._lock:
+            if len(self._queue) >= self.max_pending:
+                raise HTTPException(429, f"{len(self._queue)} tasks are already waiting; wait "
+                                         "for one to finish (GET /tasks/{id}) and try again")
+            self._queue.append((task, work))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._loop, name="residlab-tasks",
+                                                daemon=True)
+                self._worker.start()
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._worker = None
+                    return
+                task, work = self._queue.popleft()
+            _run(self.state, task, work)
+
+
+def _runner(state: ServerState) -> TaskRunner:
+    with _runner_guard:
+        if state.task_runner is None:
+            state.task_runner = TaskRunner(state)
+        return state.task_runner
+
+
+def start_task(state: ServerState, kind: str, work: Work) -> TaskRecord:
+    """Queue ``work`` (run under the model lock by the server's task worker); returns its
+    record. Refused with 429 when :data:`MAX_PENDING` tasks are waiting."""
     _forget_old(state)
     task = TaskRecord(id=uuid.uuid4().hex, kind=kind)
-    state.tasks[task.id] = task
-    threading.Thread(target=_run, args=(state, task, work), name=f"residlab-{kind}-{task.id[:8]}",
-                     daemon=True).start()
+    state.tasks[task.id] = task  # before the worker can see it
+    try:
+        _runner(state).submit(task, work)
+    except HTTPException:
+        del state.tasks[task.id]
+        raise
     return task
 
 
