@@ -90,14 +90,13 @@ class Lens:
         actual = actual.to(self.weight.device)
         for start in range(0, hidden.shape[0], TOKEN_CHUNK):
             chunk = slice(start, start + TOKEN_CHUNK)
-            logits = self.logits(hidden[chunk])  # (n, V)
-            norm = logits.logsumexp(dim=-1, keepdim=True)  # (n, 1): no (n, V) log-softmax
-            top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-            own = logits.gather(1, actual[chunk, None])  # (n, 1)
+            log_probs = torch.log_softmax(self.logits(hidden[chunk]), dim=-1)  # (n, V)
+            top = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+            own = log_probs.gather(1, actual[chunk, None])  # (n, 1)
             ids.append(top.indices)
-            probs.append((top.values - norm).exp())
-            ranks.append((logits > own).sum(dim=1) + 1)
-            actual_probs.append((own - norm)[:, 0].exp())
+            probs.append(top.values.exp())
+            ranks.append((log_probs > own).sum(dim=1) + 1)
+            actual_probs.append(own[:, 0].exp())
         return (torch.cat(ids).cpu(), torch.cat(probs).cpu(), torch.cat(ranks).cpu(),
                 torch.cat(actual_probs).cpu())
 
