@@ -109,7 +109,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="interleaved runs per side (run-to-run spread here is ~15%%)")
     parser.add_argument("--skip-hooks", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
