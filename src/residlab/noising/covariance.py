@@ -25,11 +25,12 @@ import torch
 from residlab.arch import resolve_arch
 from residlab.config import NoisingConfig
 from residlab.errors import UsageError
-from residlab.executors import Executor, Shard, ShardJob
+from residlab.executors import Executor, Shard
 from residlab.executors.local import LocalExecutor
 from residlab.generation import padded_inputs
 from residlab.hooks import Capture, intervene
 from residlab.models import LoadedModel, load_model
+from residlab.noising.jobs import NoisingJob
 from residlab.noising.noise import ESTIMATE_FILE, model_identity
 from residlab.progress import progress as progress_bar
 from residlab.store import write_json, write_npy, write_yaml
@@ -95,24 +96,13 @@ def psd_sqrt(cov: np.ndarray) -> np.ndarray:
     return (vectors * roots) @ vectors.T  # (D, D)
 
 
-class CovarianceJob(ShardJob):
+class CovarianceJob(NoisingJob):
     """Covariance batches: a shard's payload is a batch of prompt token ids; its result is
     that batch's own :class:`CovarianceFitter` (float64 count, mean, co-moment)."""
 
-    local_only = ("loaded", "arch")
 
     def __init__(self, cfg: NoisingConfig, *, loaded: LoadedModel | None = None, arch=None):
         self.cfg, self.loaded, self.arch = cfg, loaded, arch
-
-    def load(self) -> LoadedModel:
-        cfg = self.cfg
-        return load_model(cfg.model_name, dtype=cfg.dtype, device=cfg.device,
-                          trust_remote_code=cfg.trust_remote_code)
-
-    def setup(self) -> None:
-        super().setup()
-        if self.arch is None:
-            self.arch = resolve_arch(self.loaded.model, self.cfg.layers_path)
 
     def compute(self, payload: list[list[int]]) -> CovarianceFitter:
         cfg, loaded = self.cfg, self.loaded

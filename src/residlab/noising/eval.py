@@ -23,9 +23,10 @@ from typing import Any
 from residlab.arch import resolve_arch
 from residlab.config import NoisingConfig
 from residlab.errors import UsageError
-from residlab.executors import Executor, Shard, ShardJob
+from residlab.executors import Executor, Shard
 from residlab.executors.local import LocalExecutor
 from residlab.models import LoadedModel, load_model, load_tokenizer
+from residlab.noising.jobs import NoisingJob
 from residlab.noising.runs import RunDir
 from residlab.progress import progress
 from residlab.scoring import ScoreRow, score_rows
@@ -223,26 +224,18 @@ def _score_batch(ref: LoadedModel, arch, batch: list[dict], settings: dict) -> l
     return out
 
 
-class EvalJob(ShardJob):
+class EvalJob(NoisingJob):
     """Scoring batches: a shard's payload is a batch of generation records; every worker
     scores with the same reference model and settings."""
 
-    local_only = ("loaded", "arch")
 
     def __init__(self, cfg: NoisingConfig, reference: str, settings: dict, *,
                  loaded: LoadedModel | None = None, arch=None):
         self.cfg, self.reference, self.settings = cfg, reference, settings
         self.loaded, self.arch = loaded, arch
 
-    def load(self) -> LoadedModel:
-        cfg = self.cfg
-        return load_model(self.reference, dtype=cfg.dtype, device=cfg.device,
-                          trust_remote_code=cfg.trust_remote_code)
-
-    def setup(self) -> None:
-        super().setup()
-        if self.arch is None:
-            self.arch = resolve_arch(self.loaded.model, self.cfg.layers_path)
+    def model_name(self) -> str:
+        return self.reference
 
     def compute(self, payload: list[dict]) -> list[dict]:
         return _score_batch(self.loaded, self.arch, payload, self.settings)

@@ -20,7 +20,7 @@ import torch
 from residlab.arch import Arch, resolve_arch
 from residlab.config import NoisingConfig
 from residlab.errors import UsageError
-from residlab.executors import Executor, Shard, ShardJob
+from residlab.executors import Executor, Shard
 from residlab.executors.local import LocalExecutor
 from residlab.generation import (
     check_context,
@@ -29,6 +29,7 @@ from residlab.generation import (
 )
 from residlab.hooks import Add
 from residlab.models import LoadedModel, load_model
+from residlab.noising.jobs import NoisingJob
 from residlab.noising.noise import (
     EstimateKey,
     find_cov_sqrt,
@@ -139,27 +140,16 @@ def generate_shard(
     return records
 
 
-class SweepJob(ShardJob):
+class SweepJob(NoisingJob):
     """A sweep's shards: a shard's payload is ``(shard index, rows)``; every worker holds the
     prompts and the noise bank. Sampling is seeded per shard index, so a shard draws the same
     tokens whichever worker computes it."""
 
-    local_only = ("loaded", "arch")
 
     def __init__(self, cfg: NoisingConfig, prompts: list[ChatPrompt], noises: np.ndarray, *,
                  loaded: LoadedModel | None = None, arch: Arch | None = None):
         self.cfg, self.prompts, self.noises = cfg, prompts, noises
         self.loaded, self.arch = loaded, arch
-
-    def load(self) -> LoadedModel:
-        cfg = self.cfg
-        return load_model(cfg.model_name, dtype=cfg.dtype, device=cfg.device,
-                          trust_remote_code=cfg.trust_remote_code)
-
-    def setup(self) -> None:
-        super().setup()
-        if self.arch is None:
-            self.arch = resolve_arch(self.loaded.model, self.cfg.layers_path)
 
     def compute(self, payload: tuple[int, list[WorkRow]]) -> list[dict]:
         index, rows = payload
