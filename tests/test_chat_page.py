@@ -12,11 +12,8 @@ import asyncio
 import hashlib
 import json
 import math
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,6 +24,7 @@ pytest.importorskip("uvicorn")
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse  # noqa: E402
 
+from test_server_api import serve_in_thread  # noqa: E402
 from test_viz import CHROMIUM, CHROMIUM_ARGS, SCREENSHOT_DIR, _browser  # noqa: E402
 
 STATIC = Path(__file__).resolve().parents[1] / "src/residlab/server/static"
@@ -41,29 +39,6 @@ WORDS = ["Hé", "llo", " 🌊", " there", ",", " friend", "."]
 
 
 # ---------------------------------------------------------------- a real server in a thread
-
-@contextmanager
-def serve(app) -> Iterator[str]:
-    """uvicorn on a free loopback port, in a thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
 
 # ---------------------------------------------------------------- the scripted app
 
@@ -163,7 +138,7 @@ def browser():
 @pytest.fixture(scope="module")
 def scripted():
     app = scripted_app()
-    with serve(app) as url:
+    with serve_in_thread(app) as url:
         yield app, url
 
 
@@ -423,7 +398,7 @@ def real_server(tmp_path_factory, tiny_llama, tiny_llama_dir):
     save_vector(experiment, TraitVector("kindness", "base", "response[:5]", "residual",
                                         "mean_diff", LAYER, vector, {"effect_size": 1.0}))
     state = ServerState(loaded=tiny_llama, experiment=experiment, variant="base", token=TOKEN)
-    with serve(create_app(state)) as url:
+    with serve_in_thread(create_app(state)) as url:
         yield url, tiny_llama, vector / vector.norm()
 
 
