@@ -23,6 +23,7 @@ from conftest import load_fp32
 from residlab.errors import UsageError
 from residlab.experiments import load_experiment
 from residlab.inference import capture as capture_module
+from residlab.inference import capture_memory
 from residlab.inference.capture import capture_prompt_set, default_batch_size
 from residlab.inference.raw import load_raw
 
@@ -128,7 +129,7 @@ def test_the_estimate_of_a_prompt_covers_what_a_prompt_holds(experiment, tiny_ll
                                     dtype="fp32")
     held_per_prompt = max(samples["forward"] + samples["write"]) / 4
     arch = capture_module.resolve_arch(tiny_llama.model)
-    need = capture_module._prompt_bytes(tiny_llama.model, arch, length, 4 * len(EVERY))
+    need = capture_memory._prompt_bytes(tiny_llama.model, arch, length, 4 * len(EVERY))
     assert held_per_prompt <= need <= 3 * held_per_prompt
 
 
@@ -179,19 +180,19 @@ def test_default_batch_and_batch_1_write_what_a_plain_forward_gives(experiment, 
 
 def test_default_batch_follows_the_memory_budget(tiny_llama, monkeypatch):
     arch = capture_module.resolve_arch(tiny_llama.model)
-    need = capture_module._prompt_bytes(tiny_llama.model, arch, 50, 12)
+    need = capture_memory._prompt_bytes(tiny_llama.model, arch, 50, 12)
     assert need > 50 * 12 * 64 * 4  # at least the 12 captured (T, D) slices in fp32
-    monkeypatch.setattr(capture_module, "_available_bytes", lambda: 4 * 3 * need + 3)
+    monkeypatch.setattr(capture_memory, "_available_bytes", lambda: 4 * 3 * need + 3)
     batch, why = default_batch_size(tiny_llama.model, arch, tokens=50, captured=12)
     assert batch == 3 and "a quarter of the" in why  # 3 prompts fit, 512 // 50 tokens would
-    monkeypatch.setattr(capture_module, "_available_bytes", lambda: 2**40)
+    monkeypatch.setattr(capture_memory, "_available_bytes", lambda: 2**40)
     batch, why = default_batch_size(tiny_llama.model, arch, tokens=50, captured=12)
     assert batch == 10 and "bound by 512 tokens a batch on CPU" in why
     assert default_batch_size(tiny_llama.model, arch, tokens=50, captured=12, limit=4)[0] == 4
-    monkeypatch.setattr(capture_module, "_available_bytes", lambda: need)
+    monkeypatch.setattr(capture_memory, "_available_bytes", lambda: need)
     assert default_batch_size(tiny_llama.model, arch, tokens=50, captured=12)[0] == 1
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * 2**30, 16 * 2**30))
-    assert capture_module._budget(torch.device("cuda", 0)) == (
+    assert capture_memory._budget(torch.device("cuda", 0)) == (
         4 * 2**30, "half of the 8.0 GiB free on cuda:0")
 
 

@@ -16,12 +16,9 @@ before the next forward. The default batch comes from a memory budget
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import logging
 import re
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +32,7 @@ from residlab.executors import Executor, Shard, ShardJob
 from residlab.experiments import Experiment, load_variant
 from residlab.generation import padded_inputs
 from residlab.hooks import Capture, intervene
+from residlab.inference.capture_memory import default_batch_size, release_memory
 from residlab.inference.raw import Contents, contents, save_raw, tensor_name, token_hash
 from residlab.inference.responses import read_response
 from residlab.models import library_versions
@@ -48,9 +46,6 @@ log = logging.getLogger(__name__)
 COMPONENT_SITES = {"residual": "resid_post", "attn_contribution": "attn_out",
                    "mlp_contribution": "mlp_out"}
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CPU_BUDGET = 256 * 2**20  # bytes a capture batch may hold on CPU
-CPU_BATCH_TOKENS = 512  # tokens a batch on CPU: larger batches measured no faster, often slower
-MAX_BATCH = 64
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -130,63 +125,6 @@ def capture_records(
         arch.body(**inputs, use_cache=False)
     values = {key: capture.chunks[0] for key, capture in captures.items()}  # (B, T, D) each
     return CapturedBatch(values, records, response_only=response_only, dtype=dtype)
-
-
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux); ``None`` where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _budget(device: torch.device) -> tuple[int, str]:
-    """Bytes one capture batch may hold on ``device``, and where that number comes from."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2, f"half of the {free / 2**30:.1f} GiB free on {device}"
-    available = _available_bytes()
-    if available is not None and available // 4 < CPU_BUDGET:
-        return available // 4, f"a quarter of the {available / 2**30:.1f} GiB available"
-    return CPU_BUDGET, f"the {CPU_BUDGET >> 20} MiB CPU cap"
-
-
-def _prompt_bytes(model, arch: Arch, tokens: int, captured: int) -> int:
-    """Bytes one prompt of ``tokens`` tokens needs during the forward: ``captured`` (T, D)
-    slices kept until written, plus the model's own activations (residual, MLP hidden and
-    attention scores of one layer at a time, with slack)."""
-    config = model.config
-    width = arch.d_model
-    hidden = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    element = torch.empty((), dtype=getattr(model, "dtype", torch.float32)).element_size()
-    per_token = captured * width + 8 * width + 3 * (hidden or 4 * width) + heads * tokens
-    return tokens * per_token * element
-
-
-def default_batch_size(model, arch: Arch, *, tokens: int, captured: int,
-                       limit: int = MAX_BATCH) -> tuple[int, str]:
-    """The capture batch for prompts of at most ``tokens`` tokens capturing ``captured``
-    (layer, component) pairs, and a sentence saying why.
-
-    As many prompts as fit a memory budget (CUDA: half the free device memory; CPU: 256 MiB,
-    or a quarter of available memory if less), at most ``limit`` and 64. On CPU also at most
-    512 tokens a batch: on one or two cores, batches of 16 x 48 tokens ran as slowly as batch 1
-    and 8 x 48 ~1.4x faster; at 250 tokens a prompt every batch size ran alike."""
-    device = next(model.parameters()).device
-    budget, source = _budget(device)
-    need = _prompt_bytes(model, arch, tokens, captured)
-    bounds = {f"memory: {budget / 2**20:.0f} MiB ({source}) / ~{need / 2**20:.1f} MiB a prompt "
-              f"of up to {tokens} tokens with {captured} captured (layer, component) pairs":
-              budget // need, f"{limit} prompts to capture": limit, "the cap": MAX_BATCH}
-    if device.type != "cuda":
-        bounds[f"{CPU_BATCH_TOKENS} tokens a batch on CPU"] = CPU_BATCH_TOKENS // tokens
-    why, batch = min(bounds.items(), key=lambda item: item[1])
-    return max(1, batch), f"bound by {why}"
 
 
 @dataclass(frozen=True)
@@ -440,7 +378,7 @@ def _run_batches(loaded, arch: Arch, todo: list[dict], plan: _Plan, out_dir: Pat
             _capture_batch(loaded, arch, batch, plan, out_dir, pad, written, failed)
             position += len(batch)
             bar.update(len(batch))
-            _release_memory()  # the batch is gone: nothing is held from here to the next
+            release_memory()  # the batch is gone: nothing is held from here to the next
             continue
         except (torch.OutOfMemoryError, RuntimeError) as error:
             if not _is_oom(error) or batch_size == 1:
@@ -573,25 +511,3 @@ def _nonfinite_message(prompt_id: str, name: str, model, dtype: torch.dtype) -> 
         fix = f"the {str(model_dtype).removeprefix('torch.')} model produced them: check it"
     return (f"prompt {prompt_id!r}, layer {layer.removeprefix('layer')} {component} "
             f"({part} tokens): {fix}, then rerun with --skip-existing")
-
-
-def _release_memory() -> None:
-    """Hand the heap pages freed by a batch back to the system (glibc only).
-
-    glibc keeps freed blocks of a few MiB in its heap, and batches of growing lengths do not
-    fit in the holes of the shorter ones: over 80 prompts the peak crept up to ~50 MiB above
-    that of 10 prompts (at HEAD, holding more, by GiBs), and a finished capture left ~1 GiB
-    mapped with no tensor alive. Trimming costs 2-11 ms a batch of ~1 s on CPU."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl) or no libc found
-        return None
