@@ -180,3 +180,18 @@ def chat_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     from residlab.prompts import template_ids
 
     return [template_ids(tokenizer, [{"role": "user", "content": text}])[1] for text in texts]
+
+
+@pytest.fixture(scope="session")
+def dashboard_root(tmp_path_factory, embedded):
+    """A folder holding ``experiments/demo``, made once on the embedded model (see
+    ``tests/dashboard_fixture.py``): responses, captures, one extracted trait, projections,
+    calibration, a model diff and lens/attention for one prompt, with hostile text."""
+    from dashboard_fixture import build_dashboard_experiment
+
+    root = tmp_path_factory.mktemp("dashboard")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("RESIDLAB_EXPERIMENTS_DIR", str(root / "experiments"))
+        build_dashboard_experiment(root, embedded)
+    return root
