@@ -196,3 +196,47 @@ def test_run_diff_end_to_end_then_rerun_does_nothing(experiment, monkeypatch):
     third = run_diff(experiment, "base", "tuned", SET, max_new_tokens=5)
     assert third.written["compare"] == 1 and third.written["capture"] == 0
     assert run.results.is_file()
+
+
+def _forward_kl(base, tuned, ids: list[int], end: int) -> torch.Tensor:
+    """KL(P_b || P_a) of the next-token distributions predicting each response token."""
+    with torch.no_grad():
+        log_a, log_b = (torch.log_softmax(m.model(torch.tensor([ids])).logits[0, end - 1:-1]
+                                          .float(), dim=-1) for m in (base, tuned))  # (n, V)
+    return (log_b.exp() * (log_b - log_a)).sum(-1)  # (n,)
+
+
+def test_logprobs_come_from_the_captures_forwards(experiment, monkeypatch):
+    """Fresh captures: the log-prob diff runs no body of its own (its scoring pass is made
+    to fail) and still equals plain forwards; with the captures kept, the separate pass
+    makes the same numbers."""
+    from residlab.analysis.model_diff import logprobs as logprobs_module
+    from residlab.analysis.model_diff.run import run_diff
+
+    _store_vectors(experiment)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the bodies ran again for the log-probs")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(logprobs_module, "_score_batch", no_second_pass)
+        run = run_diff(experiment, "base", "tuned", SET, max_new_tokens=5)
+    assert len(run.logprobs) == 5
+    fused = {p.stem: json.loads(p.read_text()) for p in run.logprobs}
+    tuned, base = load_variant(experiment, "tuned"), load_variant(experiment, "base")
+    for path in sorted(experiment.responses_dir("tuned", SET).glob("*.json")):
+        record = json.loads(path.read_text())
+        ids, end = record["token_ids"], record["prompt_end"]
+        torch.testing.assert_close(torch.tensor(fused[path.stem]["kl"]),
+                                   _forward_kl(base, tuned, ids, end), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(fused[path.stem]["logprob_b"]),
+                                   _forward_logprobs(tuned, ids, end), atol=1e-4, rtol=0)
+    for path in run.logprobs:
+        path.unlink()
+    again = run_diff(experiment, "base", "tuned", SET, max_new_tokens=5)
+    assert again.written["capture"] == 0 and len(again.logprobs) == 5
+    for path in again.logprobs:
+        separate = json.loads(path.read_text())
+        for key in ("logprob_a", "logprob_b", "kl"):
+            torch.testing.assert_close(torch.tensor(separate[key]),
+                                       torch.tensor(fused[path.stem][key]), atol=1e-5, rtol=0)

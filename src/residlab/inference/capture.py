@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +43,7 @@ __all__ = ["COMPONENT_SITES", "CaptureJob", "CaptureResult", "CapturedBatch", "c
            "capture_records", "default_batch_size", "parse_layers"]
 
 log = logging.getLogger(__name__)
+FinalHidden = Callable[[Sequence[dict], torch.Tensor], None]  # (records, (B, T, D) hidden)
 COMPONENT_SITES = {"residual": "resid_post", "attn_contribution": "attn_out",
                    "mlp_contribution": "mlp_out"}
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -110,19 +111,24 @@ class CapturedBatch(Sequence[dict[str, torch.Tensor]]):
 def capture_records(
     model, arch: Arch, records: Sequence[dict], layers: Sequence[int],
     components: Sequence[str], *, pad_id: int, response_only: bool = False,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype = torch.bfloat16, final_hidden: FinalHidden | None = None,
 ) -> CapturedBatch:
     """One forward over the records' token ids; per record, ``{tensor_name: [n, d]}``.
 
     The body runs without a KV cache: nothing reads it, and it would hold every layer's keys
-    and values on top of the captures."""
+    and values on top of the captures. ``final_hidden(records, hidden)`` is handed the body's
+    final (normed) hidden states ``(B, T, D)`` of the left-padded batch, for a stage that
+    needs them too (the model diff's log-probs) instead of running the body again."""
     captures = {(layer, comp): Capture(layer, COMPONENT_SITES[comp])
                 for layer in layers for comp in components}
     inputs = padded_inputs([r["token_ids"] for r in records], pad_id,
                            next(model.parameters()).device)
     with torch.inference_mode(), intervene(model, list(captures.values()), arch=arch,
                                            prompt_mask=inputs["attention_mask"]):
-        arch.body(**inputs, use_cache=False)
+        output = arch.body(**inputs, use_cache=False)
+        if final_hidden is not None:
+            final_hidden(records, output.last_hidden_state)  # (B, T, D)
+        del output
     values = {key: capture.chunks[0] for key, capture in captures.items()}  # (B, T, D) each
     return CapturedBatch(values, records, response_only=response_only, dtype=dtype)
 
@@ -169,6 +175,7 @@ def capture_prompt_set(
     response_only: bool = False, skip_existing: bool = False, dtype: str = "bf16",
     batch_size: int | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
     loaded=None, components: Sequence[str] | None = None, executor: Executor | None = None,
+    final_hidden: FinalHidden | None = None,
 ) -> CaptureResult:
     """Capture every response JSON of a prompt set; one safetensors file per prompt.
 
@@ -179,7 +186,9 @@ def capture_prompt_set(
     ``batch_size=None`` chooses the batch from a memory budget (:func:`default_batch_size`).
     A prompt whose capture holds NaN or inf is not written; the others are, then a UsageError
     names the first such prompt. A remote ``executor`` (Ray) captures the same batches on its
-    workers; this process writes every file (:func:`_run_shards`).
+    workers; this process writes every file (:func:`_run_shards`). ``final_hidden``: see
+    :func:`capture_records` (local runs only; it sees the prompts captured now, not the
+    files kept).
     """
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: use a positive number, or leave it out "
@@ -212,12 +221,14 @@ def capture_prompt_set(
         batch_size = _chosen_batch(loaded.model, arch, todo, asked)
     plan = _Plan(list(asked.layers), components, response_only, STORAGE_DTYPES[dtype], extra)
     if executor is not None and executor.remote:
+        if final_hidden is not None:
+            raise UsageError("final_hidden needs the local executor")
         job = CaptureJob(experiment, variant_name, plan, quantized=(load_in_8bit, load_in_4bit))
         written, failed = _run_shards(executor, job, loaded, todo, out_dir, batch_size or 1,
                                       done=len(records) - len(todo))
     else:
         written, failed = _run_batches(loaded, arch, todo, plan, out_dir, batch_size or 1,
-                                       done=len(records) - len(todo))
+                                       done=len(records) - len(todo), final_hidden=final_hidden)
     if record:
         _write_provenance(out_dir, extra, loaded.provenance)
     if failed:
@@ -364,7 +375,8 @@ class _Plan:
 
 
 def _run_batches(loaded, arch: Arch, todo: list[dict], plan: _Plan, out_dir: Path,
-                 batch_size: int, *, done: int = 0) -> tuple[list[Path], list[str]]:
+                 batch_size: int, *, done: int = 0,
+                 final_hidden: FinalHidden | None = None) -> tuple[list[Path], list[str]]:
     """Capture and write ``todo`` batch by batch (``done`` prompts were kept from before); the
     files written, and why prompts failed."""
     written: list[Path] = []
@@ -375,7 +387,8 @@ def _run_batches(loaded, arch: Arch, todo: list[dict], plan: _Plan, out_dir: Pat
     while position < len(todo):
         batch = todo[position:position + batch_size]
         try:
-            _capture_batch(loaded, arch, batch, plan, out_dir, pad, written, failed)
+            _capture_batch(loaded, arch, batch, plan, out_dir, pad, written, failed,
+                           final_hidden)
             position += len(batch)
             bar.update(len(batch))
             release_memory()  # the batch is gone: nothing is held from here to the next
@@ -461,11 +474,13 @@ def _run_shards(executor: Executor, job: CaptureJob, loaded, todo: list[dict], o
 
 
 def _capture_batch(loaded, arch: Arch, batch: list[dict], plan: _Plan, out_dir: Path, pad: int,
-                   written: list[Path], failed: list[str]) -> None:
+                   written: list[Path], failed: list[str],
+                   final_hidden: FinalHidden | None = None) -> None:
     """One forward, then one prompt at a time: convert, check, write, drop. Everything this
     batch holds is gone when the function returns."""
     captured = capture_records(loaded.model, arch, batch, plan.layers, plan.components,
-                               pad_id=pad, response_only=plan.response_only, dtype=plan.dtype)
+                               pad_id=pad, response_only=plan.response_only, dtype=plan.dtype,
+                               final_hidden=final_hidden)
     for row, record in enumerate(batch):
         path = _write_record(record, captured[row], plan, out_dir, failed, loaded.model)
         if path is not None:

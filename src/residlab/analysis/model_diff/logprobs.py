@@ -45,7 +45,7 @@ from residlab.progress import progress
 from residlab.scoring import SOFTMAX_ROWS, float32_head
 from residlab.store import write_json
 
-__all__ = ["Switch", "adapter_switch", "diff_logprobs", "logprobs_dir"]
+__all__ = ["LogprobDiff", "Switch", "adapter_switch", "diff_logprobs", "logprobs_dir"]
 
 log = logging.getLogger(__name__)
 BATCH_TOKENS = 2048  # padded tokens per forward (batch x longest prompt)
@@ -235,6 +235,99 @@ def _models(experiment: Experiment, names: tuple[str, str], loaded_a, loaded_b,
             loaded_b or load_variant(experiment, names[1]))
 
 
+class LogprobDiff:
+    """One log-prob diff, set up and checked before any forward: B's records, both sides'
+    models and float32 heads, the files still to make (``todo``) and how each is written.
+
+    :meth:`run` scores ``todo`` with its own forwards; :meth:`collector` and
+    :meth:`finish_collected` score it from the final hidden states of forwards another stage
+    runs anyway (``diff run``'s captures), so the bodies are not run a second time."""
+
+    def __init__(self, experiment: Experiment, variant_a: str, variant_b: str, prompt_set: str,
+                 *, loaded_a=None, loaded_b=None, skip_existing: bool = False,
+                 switch: Switch | None = None) -> None:
+        self.names = (experiment.variant(variant_a)[0], experiment.variant(variant_b)[0])
+        self.records = _records(experiment, self.names[1], prompt_set)
+        self.pair = _models(experiment, self.names, loaded_a, loaded_b, switch)
+        self.switch = switch or _no_switch
+        shared = switch is not None and self.pair[0] is self.pair[1]  # A = B, adapter off
+        vocabs = [_check_vocab(self.records, loaded, name)
+                  for loaded, name in zip(self.pair, self.names, strict=True)]
+        if vocabs[0] != vocabs[1]:
+            raise UsageError(f"variants {self.names[0]!r} and {self.names[1]!r} have "
+                             f"vocabularies of {vocabs[0]} and {vocabs[1]} tokens; a log-prob "
+                             "diff needs one")
+        self.arch = tuple(resolve_arch(loaded.model) for loaded in self.pair)
+        self.heads = ((float32_head(self.arch[0]),) * 2 if self.pair[0] is self.pair[1]
+                      else tuple(map(float32_head, self.arch)))
+        self.identities = (_model_identity(self.pair[0], adapter=not shared),
+                           _model_identity(self.pair[1], adapter=True))
+        self.out_dir = logprobs_dir(experiment, *self.names, prompt_set)
+        self.todo = [r for r in self.records if not (skip_existing and _kept(
+            self.out_dir / f"{r['id']}.json", _settings(r, self.identities)))]
+        if len(self.todo) < len(self.records):
+            log.info("logprobs: keeping %d file(s) made from the same tokens by the same models",
+                     len(self.records) - len(self.todo))
+        self.text = TokenText(self.pair[1].tokenizer)
+        self.written: list[Path] = []
+        self._collected: dict[Which, dict[str, torch.Tensor]] = {"a": {}, "b": {}}
+
+    def _write(self, record: dict, values: torch.Tensor) -> None:
+        path = self.out_dir / f"{record['id']}.json"
+        write_json(path, _document(record, values, self.text,
+                                   _settings(record, self.identities)), compact=True)
+        self.written.append(path)
+
+    def run(self, batch_tokens: int = BATCH_TOKENS) -> list[Path]:
+        """Score what is still to do with forwards of both bodies; every file written."""
+        if batch_tokens < 1:
+            raise UsageError(f"batch_tokens {batch_tokens}: use a positive number")
+        done = len(self.records) - len(self.todo)
+        bar = progress(total=len(self.records), desc="logprobs", unit="prompts", initial=done)
+        for batch in _batches(self.todo, batch_tokens):
+            scored = _score_batch(self.pair, self.arch, self.heads, batch, self.switch)
+            for record, values in zip(batch, scored, strict=True):
+                self._write(record, values)
+            bar.update(len(batch))
+        bar.close()
+        self.todo = []
+        return sorted(self.written)
+
+    def collector(self, which: Which) -> Callable[[Sequence[dict], torch.Tensor], None]:
+        """A callback for ``capture_records(final_hidden=...)`` run on ``which``'s model over
+        B's token ids: keeps, per record still to do, its ``(n_response, D)`` final hidden
+        states (on the CPU) at the positions that predict the response tokens."""
+        wanted = {record["id"]: record for record in self.todo}
+        kept = self._collected[which]
+
+        def collect(records: Sequence[dict], hidden: torch.Tensor) -> None:  # (B, T, D)
+            for row, record in enumerate(records):
+                own = wanted.get(record["id"])
+                if own is None or own["token_ids"] != record["token_ids"]:
+                    continue
+                _, positions, _ = _predictors([own], hidden.shape[1])
+                kept[own["id"]] = hidden[row, positions].cpu()  # (n_response, D)
+
+        return collect
+
+    def finish_collected(self) -> list[Path]:
+        """Score and write every record both sides' hidden states were collected for, through
+        the same heads and the same float32 comparison as :meth:`run`."""
+        both = [r for r in self.todo if r["id"] in self._collected["a"]
+                and r["id"] in self._collected["b"]]
+        device = self.pair[0].device
+        with torch.inference_mode():
+            for record in both:
+                hidden = [self._collected[w].pop(record["id"]).to(device) for w in ("a", "b")]
+                targets = torch.tensor(record["token_ids"][record["prompt_end"]:],
+                                       dtype=torch.long, device=device)  # (n_response,)
+                self._write(record, _compare(self.heads, *hidden, targets, self.switch).cpu())
+        scored = {record["id"] for record in both}
+        self.todo = [r for r in self.todo if r["id"] not in scored]
+        self._collected = {"a": {}, "b": {}}
+        return sorted(self.written)
+
+
 def diff_logprobs(experiment: Experiment, variant_a: str, variant_b: str, prompt_set: str, *,
                   loaded_a=None, loaded_b=None, skip_existing: bool = False,
                   switch: Switch | None = None,
@@ -246,37 +339,8 @@ def diff_logprobs(experiment: Experiment, variant_a: str, variant_b: str, prompt
     ``skip_existing`` keeps a file made from the same token ids by the same two models.
     ``batch_tokens`` bounds one forward's padded tokens (memory; results do not depend on it).
     """
-    names = (experiment.variant(variant_a)[0], experiment.variant(variant_b)[0])
     if batch_tokens < 1:
         raise UsageError(f"batch_tokens {batch_tokens}: use a positive number")
-    records = _records(experiment, names[1], prompt_set)
-    pair = _models(experiment, names, loaded_a, loaded_b, switch)
-    shared = switch is not None and pair[0] is pair[1]  # A = B's model, adapter disabled
-    vocabs = [_check_vocab(records, loaded, name) for loaded, name in zip(pair, names,
-                                                                           strict=True)]
-    if vocabs[0] != vocabs[1]:
-        raise UsageError(f"variants {names[0]!r} and {names[1]!r} have vocabularies of "
-                         f"{vocabs[0]} and {vocabs[1]} tokens; a log-prob diff needs one")
-    arch = tuple(resolve_arch(loaded.model) for loaded in pair)
-    heads = (float32_head(arch[0]),) * 2 if pair[0] is pair[1] else tuple(map(float32_head, arch))
-    identities = (_model_identity(pair[0], adapter=not shared), _model_identity(pair[1],
-                                                                                 adapter=True))
-    out_dir = logprobs_dir(experiment, *names, prompt_set)
-    todo = [r for r in records if not (skip_existing and _kept(
-        out_dir / f"{r['id']}.json", _settings(r, identities)))]
-    if len(todo) < len(records):
-        log.info("logprobs: keeping %d file(s) made from the same tokens by the same models",
-                 len(records) - len(todo))
-    bar = progress(total=len(records), desc="logprobs", unit="prompts",
-                   initial=len(records) - len(todo))
-    text, written = TokenText(pair[1].tokenizer), []
-    for batch in _batches(todo, batch_tokens):
-        scored = _score_batch(pair, arch, heads, batch, switch or _no_switch)
-        for record, values in zip(batch, scored, strict=True):
-            path = out_dir / f"{record['id']}.json"
-            write_json(path, _document(record, values, text, _settings(record, identities)),
-                       compact=True)
-            written.append(path)
-        bar.update(len(batch))
-    bar.close()
-    return sorted(written)
+    return LogprobDiff(experiment, variant_a, variant_b, prompt_set, loaded_a=loaded_a,
+                       loaded_b=loaded_b, skip_existing=skip_existing,
+                       switch=switch).run(batch_tokens)

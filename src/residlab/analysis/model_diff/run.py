@@ -7,7 +7,9 @@ adapter disabled (``disable_adapter()``), B with it enabled. Both read the same 
 
 :func:`run_diff` then does, skipping what exists: B's responses (if missing), the captures of
 A and B on B's tokens, the projections of both on the same trait vectors, the aggregate
-comparison, the per-token diff and the log-prob diff.
+comparison, the per-token diff and the log-prob diff. The log-prob diff reads the final hidden
+states of the captures' own forwards (both bodies run once per prompt in the whole run); only
+prompts whose captures were kept from before are scored with forwards of their own.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from residlab.analysis.model_diff import diff_dir
 from residlab.errors import UsageError
@@ -27,10 +29,14 @@ from residlab.experiments import Experiment, Variant, load_experiment, load_vari
 from residlab.models import LoadedModel
 from residlab.store import write_json
 
+if TYPE_CHECKING:
+    from residlab.analysis.model_diff.logprobs import LogprobDiff
+
 __all__ = ["DiffRun", "VariantPair", "adapter_side", "load_pair", "run_diff"]
 
 log = logging.getLogger(__name__)
 Which = Literal["a", "b"]
+FUSED_HIDDEN_BYTES = 1 << 30  # response hidden states kept across the two captures, at most
 
 
 def adapter_side(a: Variant, b: Variant) -> Which | None:
@@ -273,18 +279,20 @@ def _responses(pair: VariantPair, prompt_set: str, max_new_tokens: int) -> int:
                                       loaded=loaded))
 
 
-def _captures(pair: VariantPair, plan: _Plan) -> int:
+def _captures(pair: VariantPair, plan: _Plan, scores: LogprobDiff | None) -> int:
     """A and B on B's tokens, one after the other on the same batches (same records, same
-    order); files that already hold what is asked are kept."""
+    order); files that already hold what is asked are kept. ``scores`` collects each side's
+    final hidden states from these forwards for the log-prob diff."""
     from residlab.inference.capture import capture_prompt_set
 
     written = 0
     for side in ("a", "b"):
         with pair.switch(side) as loaded:
-            result = capture_prompt_set(pair.experiment, plan.prompt_set,
-                                        variant=pair.name(side), responses_from=pair.name("b"),
-                                        loaded=loaded, skip_existing=True,
-                                        **plan.requests[side])
+            result = capture_prompt_set(
+                pair.experiment, plan.prompt_set, variant=pair.name(side),
+                responses_from=pair.name("b"), loaded=loaded, skip_existing=True,
+                final_hidden=scores.collector(side) if scores is not None else None,
+                **plan.requests[side])
         written += len(result.written)
     return written
 
@@ -357,17 +365,29 @@ def _analyses(pair: VariantPair, plan: _Plan, stages: _Stages, *, layer: int | N
     return results, per_token
 
 
-def _logprobs(pair: VariantPair, prompt_set: str) -> list[Path]:
+def _logprob_diff(pair: VariantPair, prompt_set: str) -> LogprobDiff:
     """The log-prob diff through the pair's switch: one model when the weights are shared."""
-    from residlab.analysis.model_diff.logprobs import diff_logprobs
+    from residlab.analysis.model_diff.logprobs import LogprobDiff
 
     if pair.adapter == "b":  # one object for both sides: one float32 head
         sides = {"loaded_b": pair.loaded}
     else:
         sides = {"loaded_a": pair.view("a"), "loaded_b": pair.view("b")}
     switch = pair.switch if pair.same_weights else None
-    return diff_logprobs(pair.experiment, *pair.names, prompt_set, skip_existing=True,
-                         switch=switch, **sides)
+    return LogprobDiff(pair.experiment, *pair.names, prompt_set, skip_existing=True,
+                       switch=switch, **sides)
+
+
+def _fusable(scores: LogprobDiff) -> bool:
+    """Whether both sides' response hidden states fit the budget for keeping them until
+    both captures are done (they live on the CPU, in the model's dtype)."""
+    import torch
+
+    loaded = scores.pair[1]
+    width = loaded.model.get_input_embeddings().weight.shape[1]
+    size = torch.finfo(loaded.dtype).bits // 8 if loaded.dtype.is_floating_point else 4
+    tokens = sum(len(r["token_ids"]) - r["prompt_end"] for r in scores.todo)
+    return 2 * tokens * width * size <= FUSED_HIDDEN_BYTES
 
 
 def run_diff(
@@ -392,15 +412,18 @@ def run_diff(
                  layer=layer, component=component, layers=layers)
     with stages.stage("responses") as count:
         count["written"] = _responses(pair, prompt_set, max_new_tokens)
+    scores = _logprob_diff(pair, prompt_set)
+    fused = scores if scores.todo and _fusable(scores) else None
     with stages.stage("capture") as count:
-        count["written"] = _captures(pair, plan)
+        count["written"] = _captures(pair, plan, fused)
     with stages.stage("project") as count:
         count["written"] = _projections(pair, plan)
     changed = any(stages.written.values())
     results, per_token = _analyses(pair, plan, stages, layer=layer, method=method,
                                    position=position, inputs_changed=changed)
     with stages.stage("logprobs") as count:
-        logprobs = _logprobs(pair, prompt_set)
+        scores.finish_collected()  # what the captures' forwards already computed
+        logprobs = scores.run()  # the rest (prompts whose captures were kept)
         count["written"] = len(logprobs)
     run = DiffRun(diff_dir(experiment, *pair.names), pair.same_weights, stages.written, results,
                   per_token, logprobs, stages.seconds)
