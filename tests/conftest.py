@@ -189,6 +189,9 @@ def dashboard_root(tmp_path_factory, embedded):
     calibration, a model diff and lens/attention for one prompt, with hostile text."""
     from dashboard_fixture import build_dashboard_experiment
 
+    prebuilt = os.environ.get("RESIDLAB_TEST_DASHBOARD_ROOT")  # one built by hand, to iterate
+    if prebuilt:
+        return Path(prebuilt)
     root = tmp_path_factory.mktemp("dashboard")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)

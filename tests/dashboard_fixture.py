@@ -10,7 +10,12 @@
 - captures of both variants at layers 12, 18, a calibration of ``base``, projections of both
   variants onto both traits at their best layer and (optimism) at layers 12 and 18;
 - the model diff of base vs tuned (``diff run``: results, per-token deltas, log-probs);
-- logit lens (top 5) and attention at layers 12 and 18 for the first prompt (``tuned``).
+- logit lens (top 5) and attention at layers 12 and 18 for the first prompt (``tuned``);
+- a steering run of ``emotion/optimism`` (the trait is a local copy of the shipped one with 3
+  steering questions and markup in its definition): baseline + layers 12, 18 x coefficients
+  20, 80, judged by the local judge; the vector logit lens of both traits;
+- a noising run under ``root/noising/outputs`` (2 prompts x 2 vectors x scales 0, 64; 4 new
+  tokens), evaluated, with its ``viz.html``.
 
 Building takes about a minute; the tests build it once per session.
 """
@@ -33,6 +38,46 @@ PROMPTS = [
     {"id": "p3", "prompt": "What is two plus two?"},
 ]
 LAYERS = (12, 18)
+EVIL_DEFINITION = f"Trait: optimism {EVIL_SCRIPT}\nScoring: 0 = gloomy, 100 = hopeful.\n"
+NOISING_CONFIG = """model_name: default
+dtype: fp32
+num_prompts: 2
+max_prompt_len: 128
+batch_size: 8
+max_new_tokens: 4
+layer_index: 10
+noise_norms: [0.0, 64.0]
+num_noise_vectors: 2
+seed: 0
+output_dir: noising/outputs
+"""
+
+
+def _local_trait(root: Path) -> None:
+    """``datasets/traits/emotion/optimism``: the shipped lines, 3 steering questions and a
+    definition carrying markup (a user's trait folder wins over the shipped one)."""
+    from importlib import resources
+
+    shipped = Path(str(resources.files("residlab").joinpath("data/traits/emotion/optimism")))
+    folder = root / "datasets" / "traits" / "emotion" / "optimism"
+    folder.mkdir(parents=True)
+    for name in ("positive.txt", "negative.txt"):
+        (folder / name).write_text((shipped / name).read_text())
+    questions = json.loads((shipped / "steering.json").read_text())["questions"][:2]
+    (folder / "steering.json").write_text(json.dumps(
+        {"questions": [*questions, f"Is {EVIL_TEXT} a good sign?"]}))
+    (folder / "definition.txt").write_text(EVIL_DEFINITION)
+
+
+def _noising_run(root: Path) -> Path:
+    from residlab.cli import main
+
+    (root / "noise.yaml").write_text(NOISING_CONFIG)
+    assert main(["noise", "generate", "--config", "noise.yaml"]) == 0
+    (run,) = sorted((root / "noising" / "outputs").iterdir())
+    for command in ("eval", "viz"):
+        assert main(["noise", command, "--config", "noise.yaml", "--run_dir", str(run)]) == 0
+    return run
 
 
 def build_dashboard_experiment(root: Path, loaded) -> Path:
@@ -45,8 +90,11 @@ def build_dashboard_experiment(root: Path, loaded) -> Path:
     from residlab.inference.calibrate import run_calibration
     from residlab.inference.extract_viz import extract_viz
     from residlab.inference.project import project_prompt_set
+    from residlab.inference.vector_lens import vector_logit_lens
     from residlab.models import load_model
     from residlab.traits.extract import extract_trait
+    from residlab.traits.judge import LocalJudge
+    from residlab.traits.steer import run_steering
     from residlab.traits.vectors import TraitVector, save_vector
 
     torch.manual_seed(5)
@@ -68,6 +116,7 @@ def build_dashboard_experiment(root: Path, loaded) -> Path:
         [{"id": str(i), "prompt": p} for i, p in enumerate(
             ["Tell me about the sea.", "Write a short greeting.", "Name three fruits."])]))
     experiment = load_experiment("demo")
+    _local_trait(root)
 
     extract_trait(experiment, "emotion/optimism", layers=",".join(map(str, LAYERS)),
                   methods=["mean_diff", "probe"], max_new_tokens=8, loaded=loaded)
@@ -85,6 +134,10 @@ def build_dashboard_experiment(root: Path, loaded) -> Path:
             map(str, LAYERS)), traits=["emotion/optimism"])
     extract_viz(experiment, "hostile", variant="tuned", attention=True, logit_lens=True,
                 layers=",".join(map(str, LAYERS)), top_k=5, limit=1)
+    run_steering(experiment, "emotion/optimism", layers=list(LAYERS), coefficients=[20, 80],
+                 judge=LocalJudge(loaded), max_new_tokens=8, loaded=loaded)
+    vector_logit_lens(experiment, loaded=loaded)
+    _noising_run(root)
     return folder
 
 

@@ -145,7 +145,8 @@ def add_flags(parser: argparse.ArgumentParser, model: type[BaseModel], *,
         if not extra.get("cli", True):
             continue
         if extra.get("positional"):
-            target.add_argument(name, help=_help(field))
+            target.add_argument(name, nargs=None if field.is_required() else "?",
+                                help=_help(field))
             continue
         spellings = [f"--{name}", f"--{name.replace('_', '-')}", *extra.get("flags", [])]
         flags = sorted(dict.fromkeys(spellings), key=len)

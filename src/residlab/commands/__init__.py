@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from residlab.commands import diff, inference, noise, serve, traits
+from residlab.commands import dashboard, diff, inference, noise, serve, traits
 from residlab.options import CommandOptions
 
 __all__ = ["COMMANDS", "Command"]
@@ -65,4 +65,6 @@ COMMANDS: list[Command] = [
             diff.DiffLogprobsOptions, diff.run_logprobs),
     Command(("diff", "run"), "the whole model-diff workflow with one model load",
             diff.DiffRunOptions, diff.run_diff_command),
+    Command(("dashboard", "export"), "the dashboard of an experiment as a folder that opens "
+            "from file://", dashboard.DashboardExportOptions, dashboard.run_export),
 ]

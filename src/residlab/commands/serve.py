@@ -1,4 +1,9 @@
-"""``residlab serve``: one process keeps a model loaded for the API and the Live Chat page.
+"""``residlab serve``: one process keeps a model loaded for the API, the dashboard (``/``) and
+the Live Chat page (``/chat``).
+
+The dashboard shows ``--experiment`` (with ``--no-model``, without loading its model: Live Chat
+and on-demand lens/attention then answer 409), or, with neither ``--experiment`` nor
+``--model``, every experiment under ``--experiments-dir``.
 
 The bind is checked before anything loads: loopback by default; any other address needs a
 token (``--token`` or ``RESIDLAB_TOKEN``; prefer the variable, a flag shows in ``ps``). With a
@@ -34,6 +39,10 @@ class ServeOptions(CommandOptions):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted")
     allow_model_load: bool = option(False, "let POST /model/load load any hub id or local path "
                                     "(default: only the experiment's variants)")
+    no_model: bool = option(False, "serve the dashboard of --experiment without loading its "
+                            "model (Live Chat and on-demand lens/attention answer 409)")
+    experiments_dir: str | None = option(None, "the experiments folder the dashboard reads "
+                                         "(default: RESIDLAB_EXPERIMENTS_DIR or ./experiments)")
 
 
 def build_state(options: ServeOptions, token: str | None):
@@ -46,10 +55,14 @@ def build_state(options: ServeOptions, token: str | None):
         raise UsageError("--model-variant names a variant of an experiment; give --experiment")
     if options.model is not None and options.model_variant is not None:
         raise UsageError("give --model-variant or --model, not both")
+    if options.no_model and options.model is not None:
+        raise UsageError("give --no-model or --model, not both")
     if options.experiment is not None:
         from residlab.experiments import load_experiment
 
-        state.experiment = load_experiment(options.experiment)
+        state.experiment = load_experiment(options.experiment, options.experiments_dir)
+    if options.no_model:
+        return state
     if options.model is not None:
         from residlab.models import load_model
 
@@ -78,9 +91,11 @@ def run_serve(options: ServeOptions) -> None:
     state = build_state(options, token)
     app = create_app(state, max_body_bytes=options.max_body_bytes,
                      allowed_hosts=allowed_hosts_for(options.host),
-                     allow_model_load=options.allow_model_load)
+                     allow_model_load=options.allow_model_load,
+                     experiments_root=options.experiments_dir)
     shown = f"[{options.host}]" if ":" in options.host else options.host
     url = f"http://{shown}:{options.port}"
-    hint = " (open /chat?token=... once in a browser)" if token else ""
-    print(f"residlab serve: {url}  chat: {url}/chat{hint}  API: {url}/openapi.json", flush=True)
+    hint = " (open /?token=... once in a browser)" if token else ""
+    print(f"residlab serve: dashboard: {url}/{hint}  chat: {url}/chat  API: "
+          f"{url}/openapi.json", flush=True)
     uvicorn.run(app, host=options.host, port=options.port, log_level="warning")

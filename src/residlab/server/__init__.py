@@ -1,11 +1,7 @@
-"""The model server and Live Chat: ``residlab serve`` runs :func:`create_app` under uvicorn.
+"""The model server, Live Chat and dashboard: ``residlab serve`` runs
+:func:`residlab.server.app.create_app` under uvicorn.
 
-Importing this package starts nothing; the app factory takes its state and settings.
+Importing this package starts and imports nothing (no FastAPI): the static export of the
+dashboard uses the data layer without the server's extra; the app factory takes its state
+and settings.
 """
-
-from __future__ import annotations
-
-from residlab.server.app import create_app
-from residlab.server.state import ServerState
-
-__all__ = ["ServerState", "create_app"]

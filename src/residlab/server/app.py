@@ -2,10 +2,12 @@
 
 Nothing happens at import time; :func:`create_app` takes the state and the settings. Routers:
 the model server (:mod:`residlab.server.model_api`), background tasks
-(:mod:`residlab.server.tasks`), the Live Chat stream (:mod:`residlab.server.chat`), and the
-static page (``/chat`` and ``/static/{name}``). Static routes serve only the regular files
-found directly in the static folder or its ``vendor/`` folder, looked up by name in that
-listing, so ``..``, encoded ``%2e%2e``, absolute paths and symlinks never reach the disk.
+(:mod:`residlab.server.tasks`), the Live Chat stream (:mod:`residlab.server.chat`), the
+dashboard's read-only data (``/api/data/{endpoint}``, :mod:`~residlab.server.dashboard_api`),
+and the static pages (the dashboard at ``/``, Live Chat at ``/chat``, ``/static/{name}``).
+Static routes serve only the regular files found directly in the static folder or its
+``vendor/`` folder, looked up by name in that listing, so ``..``, encoded ``%2e%2e``, absolute
+paths and symlinks never reach the disk.
 
 Every error is ``{"error": "..."}`` with its status: 400 bad input (malformed JSON, a
 :class:`~residlab.errors.UsageError`), 401 token, 403 another origin or a refused model load,
@@ -22,15 +24,18 @@ from __future__ import annotations
 import logging
 import mimetypes
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from residlab.errors import NotFound, UsageError
 from residlab.server.chat import chat_router
+from residlab.server.dashboard_api import dashboard_router
+from residlab.server.dashboard_data import DashboardData
 from residlab.server.model_api import model_router
 from residlab.server.security import DEFAULT_MAX_BODY_BYTES, LOOPBACK_NAMES, SecurityMiddleware
 from residlab.server.state import ServerState
@@ -87,7 +92,7 @@ def _serve(root: Path, name: str) -> Response:
 def _add_static_routes(app: FastAPI, root: Path) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
-        return RedirectResponse("/chat", status_code=307)
+        return _serve(root, "index.html")
 
     @app.get("/chat", include_in_schema=False)
     async def chat_page() -> Response:
@@ -140,20 +145,39 @@ def _add_error_handlers(app: FastAPI) -> None:
                                       "log has the traceback"}, status_code=500)
 
 
+def _dashboard_data(state: ServerState, root: str | Path | None,
+                    experiments: Sequence[str] | None) -> DashboardData:
+    """What the dashboard serves: the served experiment alone unless others are named."""
+    if root is None and state.experiment is not None:
+        root = state.experiment.path.parent
+    if root is None:
+        from residlab.experiments import experiments_root
+
+        root = experiments_root()
+    if experiments is None and state.experiment is not None:
+        experiments = [state.experiment.name]
+    return DashboardData(Path(root), experiments, state)
+
+
 def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                static_dir: str | Path | None = None,
                allowed_hosts: frozenset[str] | set[str] | None = LOOPBACK_NAMES,
-               allow_model_load: bool = False) -> FastAPI:
+               allow_model_load: bool = False, experiments_root: str | Path | None = None,
+               experiments: Sequence[str] | None = None) -> FastAPI:
     """The server's app. ``allowed_hosts=None`` turns the Host check off (a non-loopback bind,
     where the token guards instead); ``static_dir`` defaults to the package's page;
     ``allow_model_load`` lets ``POST /model/load`` load any hub id or server path (otherwise
-    only the served experiment's variants)."""
+    only the served experiment's variants). The dashboard reads the experiments under
+    ``experiments_root`` (default: the served experiment's folder, else
+    ``RESIDLAB_EXPERIMENTS_DIR`` or ``./experiments``):
+    ``experiments``, else only the served experiment, else all of them."""
     app = FastAPI(title="residlab", summary="Model server and Live Chat for residlab",
                   version="1", docs_url=None, redoc_url=None)
     app.state.residlab = state
     app.include_router(model_router(state, allow_model_load=allow_model_load))
     app.include_router(tasks_router(state))
     app.include_router(chat_router(state))
+    app.include_router(dashboard_router(_dashboard_data(state, experiments_root, experiments)))
     _add_static_routes(app, Path(static_dir) if static_dir is not None else STATIC_DIR)
     _add_error_handlers(app)
     app.add_middleware(SecurityMiddleware, token=state.token, max_body_bytes=max_body_bytes,

@@ -1,0 +1,132 @@
+"""The dashboard API on the fixture experiment made with the embedded model (slow).
+
+The lens and attention answers equal the ``extract-viz`` files; computed on demand (a server
+holding the ``tuned`` variant's model; ``p2`` has no file) they equal ``logit_lens`` run
+directly and the eager forward's ``output_attentions``. Every request of ``export_keys``
+answers 200.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.numpy import load_file
+
+from residlab.experiments import load_experiment, load_variant
+from residlab.inference import logit_lens
+from residlab.inference.attention import eager_attention
+from residlab.server import dashboard_views
+from residlab.server.app import create_app
+from residlab.server.dashboard_data import DashboardData
+from residlab.server.state import ServerState
+
+pytestmark = pytest.mark.slow
+
+LOCAL = "http://127.0.0.1"
+TUNED = {"exp": "demo", "variant": "tuned", "set": "hostile"}
+
+
+def _b64(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f4")
+
+
+@pytest.fixture(scope="module")
+def served(dashboard_root):
+    """A client of a server holding the tuned variant's model, and that model."""
+    exp = load_experiment("demo", dashboard_root / "experiments")
+    loaded = load_variant(exp, "tuned")
+    state = ServerState(loaded=loaded, experiment=exp, variant="tuned")
+    return TestClient(create_app(state), base_url=LOCAL), loaded, exp
+
+
+def _get(client: TestClient, endpoint: str, **params) -> dict:
+    answer = client.get(f"/api/data/{endpoint}", params=params)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _viz(exp, name: str):
+    return exp.path / "analysis" / "per_token" / "tuned" / "hostile" / name
+
+
+def test_lens_and_attention_from_the_files(served):
+    client, _, exp = served
+    doc = json.loads(_viz(exp, "p1_logit_lens.json").read_text())
+    weights = load_file(str(_viz(exp, "p1_attention.safetensors")))["attention"]
+    weights = weights.astype(np.float32)  # (2, H, T, T)
+    for token in (0, 7, len(doc["tokens"]) - 2):
+        lens = _get(client, "lens", id="p1", token=str(token), **TUNED)
+        assert lens["source"] == "file" and lens["layers"] == ["embed", 12, 18]
+        assert lens["by_layer"] == doc["predictions"][token]["by_layer"]
+        attention = _get(client, "attention", id="p1", token=str(token), layer="18", **TUNED)
+        assert attention["source"] == "file" and attention["layers"] == [12, 18]
+        context = token + 1
+        np.testing.assert_allclose(_b64(attention["mean_b64"]).reshape(2, context),
+                                   weights[:, :, token, :context].mean(1), rtol=1e-6)
+        np.testing.assert_allclose(_b64(attention["heads_b64"]).reshape(-1, context),
+                                   weights[1, :, token, :context])
+
+
+def _record(exp, prompt_id: str) -> dict:
+    path = exp.path / "inference" / "tuned" / "responses" / "hostile" / f"{prompt_id}.json"
+    return json.loads(path.read_text())
+
+
+def test_lens_computed_on_demand_equals_logit_lens(served):
+    client, loaded, exp = served
+    assert not _viz(exp, "p2_logit_lens.json").exists()
+    ids = _record(exp, "p2")["token_ids"]
+    readout = logit_lens(loaded, ids, top_k=5)
+    for token in (0, len(ids) // 2, len(ids) - 2):
+        answer = _get(client, "lens", id="p2", token=str(token), **TUNED)
+        assert answer["source"] == "computed"
+        assert answer["layers"] == ["embed", *range(30)] == readout.layers
+        for row, entry in enumerate(answer["by_layer"]):
+            assert [t["token_id"] for t in entry["top_k"]] == readout.top_ids[row, token].tolist()
+            np.testing.assert_allclose([t["prob"] for t in entry["top_k"]],
+                                       readout.top_probs[row, token].numpy(), rtol=1e-5)
+            assert entry["actual_rank"] == int(readout.actual_rank[row, token])
+    assert answer["token"] == loaded.tokenizer.decode([ids[token]])
+
+
+def test_attention_computed_on_demand_equals_output_attentions(served):
+    client, loaded, exp = served
+    ids = _record(exp, "p2")["token_ids"]
+    with eager_attention(loaded.model), torch.inference_mode():
+        out = loaded.model(input_ids=torch.tensor([ids]), output_attentions=True)
+    weights = torch.stack(out.attentions)[:, 0].float().numpy()  # (30, H, T, T)
+    token = len(ids) - 3
+    answer = _get(client, "attention", id="p2", token=str(token), layer="7", **TUNED)
+    assert answer["source"] == "computed" and answer["layers"] == list(range(30))
+    context = token + 1
+    np.testing.assert_allclose(_b64(answer["mean_b64"]).reshape(30, context),
+                               weights[:, :, token, :context].mean(1), atol=2e-3)
+    np.testing.assert_allclose(_b64(answer["heads_b64"]).reshape(-1, context),
+                               weights[7, :, token, :context], atol=2e-3)
+
+
+def test_on_demand_refusals(served, monkeypatch):
+    client, _, _ = served
+    other = client.get("/api/data/lens", params={**TUNED, "variant": "base", "id": "p2",
+                                                 "token": "1"})
+    assert other.status_code == 404 and "residlab extract-viz" in other.json()["error"]
+    monkeypatch.setattr(dashboard_views, "ATTENTION_LIMIT", 1 << 16)
+    big = client.get("/api/data/attention", params={**TUNED, "id": "p3", "token": "1"})
+    assert big.status_code == 400 and "--layers" in big.json()["error"]
+
+
+def test_export_keys_all_answer(dashboard_root):
+    root = dashboard_root / "experiments"
+    client = TestClient(create_app(ServerState(), experiments_root=root), base_url=LOCAL)
+    keys = list(DashboardData(root, ["demo"]).export_keys("demo"))
+    assert {endpoint for endpoint, _ in keys} == {
+        "experiments", "experiment", "prompts", "response", "projections", "norms", "spans",
+        "lens", "attention"}
+    for endpoint, params in keys:
+        answer = client.get(f"/api/data/{endpoint}", params=params)
+        assert answer.status_code == 200, (endpoint, params, answer.text)
