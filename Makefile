@@ -49,6 +49,8 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_viz.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_diff.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_chat.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_ray.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_dashboard.py
 
 # Re-vendor the Live Chat chart library from the npm registry (network; the files are committed).
 frontend: setup

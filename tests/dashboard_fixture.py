@@ -54,15 +54,16 @@ output_dir: noising/outputs
 
 
 def _local_trait(root: Path) -> None:
-    """``datasets/traits/emotion/optimism``: the shipped lines, 3 steering questions and a
+    """``datasets/traits/emotion/optimism``: 12 of the shipped pairs, 3 steering questions and a
     definition carrying markup (a user's trait folder wins over the shipped one)."""
     from importlib import resources
 
     shipped = Path(str(resources.files("residlab").joinpath("data/traits/emotion/optimism")))
     folder = root / "datasets" / "traits" / "emotion" / "optimism"
     folder.mkdir(parents=True)
-    for name in ("positive.txt", "negative.txt"):
-        (folder / name).write_text((shipped / name).read_text())
+    for name in ("positive.txt", "negative.txt"):  # 12 pairs: a direction, quickly
+        lines = (shipped / name).read_text().splitlines(keepends=True)
+        (folder / name).write_text("".join(lines[:12]))
     questions = json.loads((shipped / "steering.json").read_text())["questions"][:2]
     (folder / "steering.json").write_text(json.dumps(
         {"questions": [*questions, f"Is {EVIL_TEXT} a good sign?"]}))
