@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 
@@ -88,8 +89,8 @@ def build(root: Path, n_tokens: int) -> None:
 
 
 def _url(base: str) -> str:
-    traits = ",".join(TRAITS)
-    return f"{base}/?tab=inference&exp=demo&variant=m&set=long&id=1&token=0&traits={traits}"
+    traits = "&".join(f"traits={trait}" for trait in TRAITS)
+    return f"{base}/?tab=inference&exp=demo&variant=m&set=long&id=1&token=0&{traits}"
 
 
 def measure(base: str, repeats: int) -> tuple[float, list[float], dict[str, int]]:
@@ -99,28 +100,29 @@ def measure(base: str, repeats: int) -> tuple[float, list[float], dict[str, int]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
-        times, sizes = [], {}
+        times: list[float] = []
+        sizes: dict[str, int] = {}
         for _ in range(repeats + 1):
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda error, sink=errors: sink.append(str(error)))
-            seen: dict[str, int] = {}
-
-            def count(response, sink=seen) -> None:
-                if "/api/data/" in response.url:
-                    name = response.url.split("/api/data/")[1].split("?")[0]
-                    sink[name] = sink.get(name, 0) + len(response.body())
-
-            page.on("response", count)
+            asked: list[str] = []
+            page.on("request", lambda request, sink=asked: sink.append(request.url)
+                    if "/api/data/" in request.url else None)
             start = time.perf_counter()
             page.goto(_url(base))
             page.wait_for_selector('main#view[data-view-ready="inference"]', timeout=30000)
             times.append(time.perf_counter() - start)
+            drawn = page.evaluate("() => Object.keys(window.__residlab_debug.inference.series)")
+            if len(drawn) != len(TRAITS):
+                raise SystemExit(f"the chart shows {drawn}, not the {len(TRAITS)} traits")
             if errors:
                 raise SystemExit(f"page errors: {errors}")
-            sizes = seen
             page.close()
         browser.close()
+    for url in asked:  # the answers of the last load, fetched again to count their bytes
+        name = url.split("/api/data/")[1].split("?")[0]
+        sizes[name] = sizes.get(name, 0) + len(httpx.get(url).content)
     return times[0], times[1:], sizes
 
 

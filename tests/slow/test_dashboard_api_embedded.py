@@ -3,7 +3,8 @@
 The lens and attention answers equal the ``extract-viz`` files; computed on demand (a server
 holding the ``tuned`` variant's model; ``p2`` has no file) they equal ``logit_lens`` run
 directly and the eager forward's ``output_attentions``. Every request of ``export_keys``
-answers 200.
+answers 200, part 2's endpoints included; part 2's steering, calibration and noising answers
+equal plain recomputations from the fixture's files.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from safetensors.numpy import load_file
 from residlab.experiments import load_experiment, load_variant
 from residlab.inference import logit_lens
 from residlab.inference.attention import eager_attention
+from residlab.noising.stats import scale_quantiles, vector_drops
 from residlab.server import dashboard_views
 from residlab.server.app import create_app
-from residlab.server.dashboard_data import DashboardData
+from residlab.server.dashboard_data import ENDPOINTS, DashboardData
 from residlab.server.state import ServerState
 
 pytestmark = pytest.mark.slow
@@ -120,13 +122,66 @@ def test_on_demand_refusals(served, monkeypatch):
     assert big.status_code == 400 and "--layers" in big.json()["error"]
 
 
+def _part2(dashboard_root) -> TestClient:
+    return TestClient(create_app(ServerState(), experiments_root=dashboard_root / "experiments",
+                                 noising_dir=dashboard_root / "noising" / "outputs"),
+                      base_url=LOCAL)
+
+
 def test_export_keys_all_answer(dashboard_root):
     root = dashboard_root / "experiments"
-    client = TestClient(create_app(ServerState(), experiments_root=root), base_url=LOCAL)
-    keys = list(DashboardData(root, ["demo"]).export_keys("demo"))
-    assert {endpoint for endpoint, _ in keys} == {
-        "experiments", "experiment", "prompts", "response", "projections", "norms", "spans",
-        "lens", "attention"}
+    client = _part2(dashboard_root)
+    data = DashboardData(root, ["demo"], noising_dir=dashboard_root / "noising" / "outputs")
+    keys = list(data.export_keys("demo"))
+    assert {endpoint for endpoint, _ in keys} == set(ENDPOINTS)
     for endpoint, params in keys:
         answer = client.get(f"/api/data/{endpoint}", params=params)
         assert answer.status_code == 200, (endpoint, params, answer.text)
+
+
+OPTIMISM = {"exp": "demo", "trait": "emotion/optimism", "variant": "base"}
+
+
+@pytest.mark.parametrize("threshold", [0, 31, 77])
+def test_steering_best_per_layer_equals_the_results(dashboard_root, threshold):
+    client = _part2(dashboard_root)
+    path = dashboard_root / "experiments/demo/steering/emotion/optimism/base/results.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row["layer"] is not None and row["coefficient"] > 0:
+            groups.setdefault((row["layer"], row["coefficient"]), []).append(row)
+    want: dict[int, float] = {}
+    for (layer, _), group in groups.items():
+        trait = sum(r["trait_score"] for r in group) / len(group)
+        if sum(r["coherence_score"] for r in group) / len(group) >= threshold:
+            want[layer] = max(want.get(layer, -1.0), trait)
+    answer = _get(client, "steering", **OPTIMISM, min_coherence=str(threshold))
+    (line,) = answer["lines"]
+    assert {p["layer"]: pytest.approx(p["trait"]) for p in line["points"]} == want
+    assert "<script>" in answer["definition"]  # verbatim, the page sets it as text
+    questions = {r["question"] for r in rows}
+    page = _get(client, "steering_responses", **OPTIMISM, layer="all", direction="all",
+                sort="trait", offset="0", limit="50")
+    assert {i["question"] for i in page["items"]} <= questions
+    assert any("<img" in i["question"] for i in page["items"])
+
+
+def test_calibration_and_noising_equal_the_files(dashboard_root):
+    client = _part2(dashboard_root)
+    doc = json.loads((dashboard_root / "experiments/demo/inference/base/massive_activations/"
+                      "calibration.json").read_text())
+    got = _get(client, "calibration", exp="demo", variant="base")
+    means = np.array([doc["layers"][str(i)]["mean"] for i in got["layers"]])
+    unit = means / np.linalg.norm(means, axis=1, keepdims=True)
+    n = len(got["layers"])
+    np.testing.assert_allclose(_b64(got["cosine"]["matrix_b64"]).reshape(n, n), unit @ unit.T,
+                               atol=1e-5)
+    (run,) = _get(client, "noising_runs")["runs"]
+    folder = dashboard_root / "noising" / "outputs" / run["run"]
+    records = [json.loads(line) for line in
+               (folder / "eval_logprobs.jsonl").read_text().splitlines()]
+    answer = _get(client, "noising_run", run=run["run"], metric="mean_logprob")
+    assert answer["quantiles"] == scale_quantiles(records)
+    assert [d["drop"] for d in answer["drops"]] == [d["drop"] for d in vector_drops(records)]
+    assert answer["viz"] and client.get(answer["viz_url"]).status_code == 200

@@ -43,6 +43,8 @@ class ServeOptions(CommandOptions):
                             "model (Live Chat and on-demand lens/attention answer 409)")
     experiments_dir: str | None = option(None, "the experiments folder the dashboard reads "
                                          "(default: RESIDLAB_EXPERIMENTS_DIR or ./experiments)")
+    noising_dir: str = option("noising/outputs", "the noising runner's output_dir whose runs the "
+                              "dashboard's Noising view lists")
 
 
 def build_state(options: ServeOptions, token: str | None):
@@ -92,7 +94,8 @@ def run_serve(options: ServeOptions) -> None:
     app = create_app(state, max_body_bytes=options.max_body_bytes,
                      allowed_hosts=allowed_hosts_for(options.host),
                      allow_model_load=options.allow_model_load,
-                     experiments_root=options.experiments_dir)
+                     experiments_root=options.experiments_dir,
+                     noising_dir=options.noising_dir)
     shown = f"[{options.host}]" if ":" in options.host else options.host
     url = f"http://{shown}:{options.port}"
     hint = " (open /?token=... once in a browser)" if token else ""

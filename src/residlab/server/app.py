@@ -146,7 +146,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _dashboard_data(state: ServerState, root: str | Path | None,
-                    experiments: Sequence[str] | None) -> DashboardData:
+                    experiments: Sequence[str] | None,
+                    noising_dir: str | Path | None = None) -> DashboardData:
     """What the dashboard serves: the served experiment alone unless others are named."""
     if root is None and state.experiment is not None:
         root = state.experiment.path.parent
@@ -156,28 +157,31 @@ def _dashboard_data(state: ServerState, root: str | Path | None,
         root = experiments_root()
     if experiments is None and state.experiment is not None:
         experiments = [state.experiment.name]
-    return DashboardData(Path(root), experiments, state)
+    return DashboardData(Path(root), experiments, state, noising_dir=noising_dir)
 
 
 def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                static_dir: str | Path | None = None,
                allowed_hosts: frozenset[str] | set[str] | None = LOOPBACK_NAMES,
                allow_model_load: bool = False, experiments_root: str | Path | None = None,
-               experiments: Sequence[str] | None = None) -> FastAPI:
+               experiments: Sequence[str] | None = None,
+               noising_dir: str | Path | None = None) -> FastAPI:
     """The server's app. ``allowed_hosts=None`` turns the Host check off (a non-loopback bind,
     where the token guards instead); ``static_dir`` defaults to the package's page;
     ``allow_model_load`` lets ``POST /model/load`` load any hub id or server path (otherwise
     only the served experiment's variants). The dashboard reads the experiments under
     ``experiments_root`` (default: the served experiment's folder, else
     ``RESIDLAB_EXPERIMENTS_DIR`` or ``./experiments``):
-    ``experiments``, else only the served experiment, else all of them."""
+    ``experiments``, else only the served experiment, else all of them; the Noising view lists
+    the runs under ``noising_dir`` (the noising runner's ``output_dir``; None: none)."""
     app = FastAPI(title="residlab", summary="Model server and Live Chat for residlab",
                   version="1", docs_url=None, redoc_url=None)
     app.state.residlab = state
     app.include_router(model_router(state, allow_model_load=allow_model_load))
     app.include_router(tasks_router(state))
     app.include_router(chat_router(state))
-    app.include_router(dashboard_router(_dashboard_data(state, experiments_root, experiments)))
+    app.include_router(dashboard_router(_dashboard_data(state, experiments_root, experiments,
+                                                        noising_dir)))
     _add_static_routes(app, Path(static_dir) if static_dir is not None else STATIC_DIR)
     _add_error_handlers(app)
     app.add_middleware(SecurityMiddleware, token=state.token, max_body_bytes=max_body_bytes,

@@ -4,7 +4,9 @@ Each request is answered by :meth:`residlab.server.dashboard_data.DashboardData.
 worker thread (file reads and on-demand lens/attention must not block the event loop). Errors
 are ``{"error": "one line"}``: 404 unknown endpoint or missing data, 400 a bad parameter value
 (through the app's ``UsageError`` handler), 409 a lens or attention that only a loaded model
-could compute while none is loaded.
+could compute while none is loaded. ``GET /noising/{run}/viz.html`` serves a noising run's
+viewer, found by listing the noising folder, sandboxed (its inline scripts run in an opaque
+origin that cannot read this server's API).
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from residlab.server.dashboard_data import ENDPOINTS, DashboardData, ModelUnavailable
+from residlab.server.dashboard_noising import viz_path
 
 __all__ = ["dashboard_router"]
 
 HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+VIZ_HEADERS = {**HEADERS, "Referrer-Policy": "no-referrer",
+               "Content-Security-Policy": "sandbox allow-scripts; default-src 'none'; "
+                                          "script-src 'unsafe-inline'; style-src "
+                                          "'unsafe-inline'; img-src data:"}
 
 
 def dashboard_router(data: DashboardData) -> APIRouter:
@@ -27,8 +34,8 @@ def dashboard_router(data: DashboardData) -> APIRouter:
 
     @router.get("/api/data/{endpoint}", summary="Dashboard data (see the endpoint list)")
     async def data_endpoint(endpoint: str, request: Request) -> Response:
-        """One of ``experiments, experiment, prompts, response, projections, norms, spans,
-        lens, attention``; parameters in the query string."""
+        """One of the endpoints of ``dashboard_data.ENDPOINTS``; parameters in the query
+        string."""
         if endpoint not in ENDPOINTS:
             return JSONResponse({"error": f"unknown data endpoint {endpoint!r}; use one of "
                                           f"{', '.join(ENDPOINTS)}"}, status_code=404,
@@ -41,5 +48,16 @@ def dashboard_router(data: DashboardData) -> APIRouter:
                                 headers=HEADERS)
         return Response(orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY),
                         media_type="application/json", headers=HEADERS)
+
+    @router.get("/noising/{run}/viz.html", summary="A noising run's viewer (sandboxed)")
+    async def noising_viz(run: str) -> Response:
+        """The ``viz.html`` that ``residlab noise viz`` wrote into a run of the noising dir."""
+        path = await run_in_threadpool(viz_path, data, run)
+        if path is None:
+            return JSONResponse({"error": f"no viz.html in noising run {run!r}; make it with "
+                                          "'residlab noise viz --run-dir RUN_DIR'"},
+                                status_code=404, headers=HEADERS)
+        body = await run_in_threadpool(path.read_bytes)
+        return Response(body, media_type="text/html", headers=VIZ_HEADERS)
 
     return router

@@ -4,11 +4,16 @@
 // popstate), and the table of views: adding a view is one module and one entry in VIEWS.
 // Every string from the data is set as text.
 
+import { createAnalysisView } from "./dash_analysis.js";
 import { getJSON, isStatic } from "./dash_api.js";
 import { createDeepDiveView } from "./dash_deepdive.js";
+import { createDiffSpansView } from "./dash_diffspans.js";
+import { createExtractionView } from "./dash_extraction.js";
 import { createInferenceView, projectedTraits } from "./dash_inference.js";
 import { COLOURS } from "./dash_lines.js";
+import { createNoisingView } from "./dash_noising.js";
 import { Picker } from "./dash_picker.js";
+import { createSteeringView } from "./dash_steering.js";
 import { URL_DEFAULTS, errorPanel, fromQuery, h, hintsPanel, navigate, note, setResolver, state, subscribe, toQuery, update } from "./dash_state.js";
 
 /** The views, in nav order: ``create(main)`` returns ``{destroy()}``; the view subscribes to
@@ -16,6 +21,11 @@ import { URL_DEFAULTS, errorPanel, fromQuery, h, hintsPanel, navigate, note, set
 const VIEWS = [
   { tab: "inference", label: "Inference", create: createInferenceView },
   { tab: "deepdive", label: "Layer Deep Dive", create: createDeepDiveView },
+  { tab: "extraction", label: "Extraction", create: createExtractionView },
+  { tab: "steering", label: "Steering", create: createSteeringView },
+  { tab: "analysis", label: "Model Analysis", create: createAnalysisView },
+  { tab: "diffspans", label: "Model Diff", create: createDiffSpansView },
+  { tab: "noising", label: "Noising", create: createNoisingView },
 ];
 const THEME_KEY = "residlab.dashboard.theme";
 const DEFAULT_TRAITS = 5;

@@ -4,7 +4,7 @@
 // here computes a statistic: the views pass the API's numbers and these only lay them out.
 
 import { cssVar } from "./dash_lines.js";
-import { h } from "./dash_state.js";
+import { errorPanel, h, setViewReady } from "./dash_state.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -13,7 +13,7 @@ export function fmt(value, digits = 3) {
   if (value === null || value === undefined || !Number.isFinite(Number(value))) return "--";
   const v = Number(value);
   const size = Math.abs(v);
-  if (size !== 0 && (size < 10 ** -digits || size >= 1e6)) return v.toExponential(2);
+  if (size !== 0 && (size < 1e-4 || size >= 1e6)) return v.toExponential(2);
   return Number.isInteger(v) ? String(v) : v.toFixed(digits);
 }
 
@@ -40,29 +40,29 @@ function rgb(hex) {
 }
 
 function mix(a, b, t) {
-  return `rgb(${[0, 1, 2].map((i) => Math.round(a[i] + (b[i] - a[i]) * t)).join(",")})`;
+  return [0, 1, 2].map((i) => Math.round(a[i] + (b[i] - a[i]) * t));
 }
 
-/** ``value -> css colour`` over ``values`` (the theme's heatmap colours). */
+/** ``value -> [r, g, b]`` over ``values`` (the theme's heatmap colours): diverging around 0,
+ * or sequential from the smallest to the largest value. */
 function cellColour(values, scale) {
-  let limit = 0;
-  let low = Infinity;
-  for (const v of values) {
-    if (Number.isFinite(v)) {
-      limit = Math.max(limit, Math.abs(v));
-      low = Math.min(low, v);
-    }
-  }
-  limit = limit || 1;
+  const finite = values.filter(Number.isFinite);
+  const low = finite.length ? Math.min(...finite) : 0;
+  const high = finite.length ? Math.max(...finite) : 1;
   if (scale === "diverging") {
+    const limit = Math.max(Math.abs(low), Math.abs(high)) || 1;
     const [neg, mid, pos] = ["--heat-neg", "--heat-mid", "--heat-pos"].map((n) => rgb(cssVar(n)));
     return (v) => (v < 0 ? mix(mid, neg, Math.min(1, -v / limit))
       : mix(mid, pos, Math.min(1, v / limit)));
   }
   const [lo, hi] = ["--heat-lo", "--heat-hi"].map((n) => rgb(cssVar(n)));
-  const base = low >= 0 ? 0 : low;
-  const span = limit - base || 1;
-  return (v) => mix(lo, hi, Math.max(0, Math.min(1, (v - base) / span)));
+  const span = high - low || 1;
+  return (v) => mix(lo, hi, Math.max(0, Math.min(1, (v - low) / span)));
+}
+
+/** Text that reads on ``background`` ([r, g, b]). */
+function textOn([r, g, b]) {
+  return 0.299 * r + 0.587 * g + 0.114 * b > 150 ? "#111827" : "#f8fafc";
 }
 
 /** A colour grid as a table: ``values[r][c]`` (null = no run) under column labels, the
@@ -76,7 +76,11 @@ export function gridTable({ id = null, rowLabels, colLabels, values, best = null
       const td = h("td", { class: isBest ? "grid-cell best" : "grid-cell",
         text: value === null || value === undefined ? "" : format(value),
         title: cellTitle?.(r, c, value) ?? null, data: { row: String(r), col: String(c) } });
-      if (Number.isFinite(Number(value)) && value !== null) td.style.background = colour(Number(value));
+      if (Number.isFinite(Number(value)) && value !== null) {
+        const background = colour(Number(value));
+        td.style.background = `rgb(${background.join(",")})`;
+        td.style.color = textOn(background);
+      }
       return td;
     })));
   return h("table", { id, class: "grid-table" },
@@ -102,8 +106,9 @@ export function chips({ id, label, options, selected, onChange }) {
 /** A line chart over a numeric x (layers, positions): ``series`` [{label, values, colour,
  * dash?, notes?}] where ``notes[i]`` (text) is shown in the legend next to the value. */
 export class XYChart {
-  constructor(el, { height = 240, xLabel = "", yLabel = "" } = {}) {
+  constructor(el, { height = 240, xLabel = "", yLabel = "", integerX = true } = {}) {
     this.el = el;
+    this.integerX = integerX; // x is layers or positions: ticks on whole numbers only
     this.height = height;
     this.xLabel = xLabel;
     this.yLabel = yLabel;
@@ -119,7 +124,8 @@ export class XYChart {
       width: Math.max(300, this.el.clientWidth), height: this.height,
       cursor: { drag: { x: false, y: false }, points: { size: 6 } },
       scales: { x: { time: false } },
-      axes: [{ ...axis, label: xLabel }, { ...axis, label: yLabel, size: 64 }],
+      axes: [{ ...axis, label: xLabel, ...(this.integerX ? { incrs: [1, 2, 5, 10, 20, 50, 100,
+        200, 500, 1000] } : {}) }, { ...axis, label: yLabel, size: 64 }],
       series: [{ label: xLabel, value: (u, v) => (v === null || v === undefined ? "--" : String(v)) },
         ...series.map((s) => ({ label: s.label, stroke: s.colour, width: 1.5, dash: s.dash,
           spanGaps: false, points: { show: true, size: 5 },
@@ -153,12 +159,15 @@ export function boxPlot({ id = null, boxes, yLabel = "", width = 640, height = 2
   const all = boxes.flatMap((b) => [b.min, b.max, b.mean]).filter(Number.isFinite);
   let [lo, hi] = all.length ? [Math.min(...all), Math.max(...all)] : [0, 1];
   if (lo === hi) { lo -= 1; hi += 1; }
+  const margin = (hi - lo) * 0.06;
+  lo -= margin;
+  hi += margin;
   const y = (v) => pad.top + (hi - v) / (hi - lo) * (height - pad.top - pad.bottom);
   const slot = (width - pad.left - pad.right) / Math.max(1, boxes.length);
   const root = svg("svg", { class: "box-plot", viewBox: `0 0 ${width} ${height}`, width, height,
     role: "img" });
   if (id) root.id = id;
-  for (const tick of [lo, (lo + hi) / 2, hi]) {
+  for (const tick of [0, 0.25, 0.5, 0.75, 1].map((t) => lo + t * (hi - lo))) {
     root.append(svg("line", { class: "grid", x1: pad.left, x2: width - pad.right, y1: y(tick),
       y2: y(tick) }), svg("text", { class: "tick", x: pad.left - 6, y: y(tick) + 4,
       "text-anchor": "end" }, fmt(tick, 2)));
@@ -185,4 +194,72 @@ export function boxPlot({ id = null, boxes, yLabel = "", width = 640, height = 2
     root.append(g);
   });
   return root;
+}
+
+/** What a failed request means for a panel: a 404 is data not made yet (the server's line
+ * ends with the command that makes it), shown as a hint; anything else is an error. */
+export function missingOrError(what, error) {
+  if (error?.status !== 404) return errorPanel(what, error);
+  return h("div", { class: "hint-panel missing" }, h("strong", { text: `No ${what} yet:` }),
+    h("p", {}, h("code", { text: error.message ?? String(error) })));
+}
+
+/** ``select`` with ``options`` [[value, text]] and ``value`` chosen, in a label. */
+export function selectBox(id, label, options, value, onChange) {
+  const select = h("select", { id, onchange: (e) => onChange(e.target.value) },
+    options.map(([v, text]) => h("option", { value: String(v), text: String(text) })));
+  select.value = String(value);
+  select.disabled = options.length < 2;
+  return h("label", {}, `${label} `, select);
+}
+
+/** A titled panel: ``h2`` then ``children``. */
+export function panel(id, title, ...children) {
+  return h("section", { class: "panel", id }, h("h2", { text: title }), ...children);
+}
+
+/** Prev/next buttons over a paginated answer ({total, offset, limit}). */
+export function pager(id, page, onOffset) {
+  const { total = 0, offset = 0, limit = 50 } = page;
+  return h("span", { class: "pager", id },
+    h("button", { type: "button", text: "‹", "aria-label": "previous page", disabled: offset <= 0,
+      onclick: () => onOffset(Math.max(0, offset - limit)) }),
+    h("span", { text: total ? `${offset + 1}–${Math.min(total, offset + limit)} of ${total}` : "0" }),
+    h("button", { type: "button", text: "›", "aria-label": "next page",
+      disabled: offset + limit >= total, onclick: () => onOffset(offset + limit) }));
+}
+
+/** ``data-view-ready`` for a view with several loads in flight: cleared by ``begin()``, set
+ * again when every begun load has ended. A load of an older generation still ends. */
+export class ReadyTracker {
+  constructor(name) {
+    this.name = name;
+    this.pending = 0;
+    this.stopped = false;
+  }
+
+  begin() {
+    this.pending += 1;
+    if (!this.stopped) setViewReady(null);
+  }
+
+  end() {
+    this.pending = Math.max(0, this.pending - 1);
+    if (!this.pending && !this.stopped) setViewReady(this.name);
+  }
+
+  /** The view is gone: never touch the flag again. */
+  stop() {
+    this.stopped = true;
+  }
+
+  /** ``await fn()`` between begin and end. */
+  async run(fn) {
+    this.begin();
+    try {
+      return await fn();
+    } finally {
+      this.end();
+    }
+  }
 }
