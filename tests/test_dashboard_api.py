@@ -26,7 +26,8 @@ from residlab.experiments import load_experiment
 from residlab.inference.project import project_many
 from residlab.outputs import tensor_sha256
 from residlab.server.app import create_app
-from residlab.server.dashboard_data import DashboardData, canonical_key
+from residlab.server.dashboard.data import DashboardData
+from residlab.server.dashboard.files import canonical_key
 from residlab.server.state import ServerState
 from residlab.traits.vectors import TraitVector, save_vector
 

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from residlab.experiments import load_experiment
 from residlab.noising.eval import summarize
 from residlab.server.app import create_app
-from residlab.server.dashboard_data import DashboardData
+from residlab.server.dashboard.data import DashboardData
 from residlab.server.state import ServerState
 from residlab.traits.select import select_vectors
 from residlab.traits.vectors import TraitVector, save_vector

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
+import yaml
+from fastapi.testclient import TestClient
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from residlab.cli import main
 from residlab.errors import NotFound, UsageError
-from residlab.server.dashboard_data import ENDPOINTS, PART1_ENDPOINTS, DashboardData, canonical_key
-from residlab.server.export import CSP, export_dashboard, static_index_html
-from residlab.server.static_bundle import blank_text, bundle_modules
+from residlab.server.app import create_app
+from residlab.server.dashboard.bundle import blank_text, bundle_modules
+from residlab.server.dashboard.data import ENDPOINTS, PART1_ENDPOINTS, DashboardData
+from residlab.server.dashboard.export import CSP, export_dashboard, static_index_html
+from residlab.server.dashboard.files import canonical_key
+from residlab.server.state import ServerState
 from test_viz import CHROMIUM, CHROMIUM_ARGS, _browser
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "src" / "residlab" / "server" / "static"
@@ -394,6 +401,67 @@ def test_force_replaces_only_a_previous_export(demo, tmp_path):
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
+# --- the Noising view in the export ---------------------------------------------------------
+
+VIEWER = "<html><script>draw()</script>\u00e9\u2028</html>\n".encode() + bytes(range(256))
+
+
+def _noising(root: Path) -> Path:
+    """Two runs (the newer one with a viewer), plus a hidden run and a symlinked one that are
+    not the folder's runs."""
+    out = root / "noising" / "outputs"
+    rng = np.random.default_rng(3)
+    for run in ("20260101-000000", "20260102-000000"):
+        folder = out / run
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"model_name": "m", "seed": 0}))
+        records = [{"noise_id": v, "noise_scale": s, "prompt_index": i,
+                    "mean_logprob": float(rng.normal(-1 - s)), "total_logprob": float(-v - s)}
+                   for v in range(2) for s in (0.0, 4.0) for i in range(3)]
+        (folder / "eval_logprobs.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                            for r in records))
+    (out / "20260102-000000" / "viz.html").write_bytes(VIEWER)
+    shutil.copytree(out / "20260102-000000", out / ".hidden")
+    shutil.copytree(out / "20260102-000000", root / "elsewhere")
+    (out / "linked").symlink_to(root / "elsewhere", target_is_directory=True)
+    return out
+
+
+def test_export_holds_the_noising_view(demo, tmp_path):
+    noising_dir = _noising(tmp_path / "lab")
+    out = tmp_path / "share"
+    export_dashboard(demo.parent, "demo", out, noising_dir=noising_dir)
+    index = _index(out)
+    client = TestClient(create_app(ServerState(), experiments_root=demo.parent,
+                                   noising_dir=noising_dir), base_url="http://127.0.0.1")
+    keys = [("noising_runs", {})] + [("noising_run", {"run": run, "metric": metric})
+                                     for run in ("20260101-000000", "20260102-000000")
+                                     for metric in ("mean_logprob", "total_logprob")]
+    for endpoint, params in keys:  # each exported answer is the server's answer
+        key = canonical_key(endpoint, params)
+        served = client.get(f"/api/data/{endpoint}", params=params)
+        assert served.status_code == 200 and _put(out / index[key]) == (key, served.json())
+    listed = _put(out / index[canonical_key("noising_runs", {})])[1]["runs"]
+    assert [r["run"] for r in listed] == ["20260102-000000", "20260101-000000"]
+    run = _put(out / index[canonical_key("noising_run", {"run": "20260101-000000",
+                                                         "metric": "total_logprob"})])[1]
+    assert [(q["scale"], q["mean"]) for q in run["quantiles"]] == [(0.0, -0.5), (4.0, -4.5)]
+    newest = _put(out / index[canonical_key("noising_run", {"run": "20260102-000000",
+                                                            "metric": "mean_logprob"})])[1]
+    viewer = out / newest["viz_url"].lstrip("/")  # where the static page links
+    assert viewer == out / "noising" / "20260102-000000" / "viz.html"
+    assert viewer.read_bytes() == VIEWER
+    assert [p for p in (out / "noising").rglob("*") if p.is_file()] == [viewer]
+
+
+def test_an_export_without_a_noising_folder_says_so(demo, tmp_path):
+    out = tmp_path / "share"
+    export_dashboard(demo.parent, "demo", out, noising_dir=tmp_path / "absent")
+    listing = _put(out / _index(out)[canonical_key("noising_runs", {})])[1]
+    assert listing["available"] is False and listing["runs"] == []
+    assert not (out / "noising").exists()
+
+
 # --- the command ----------------------------------------------------------------------------
 
 def _cli(*args: str) -> int:
@@ -407,6 +475,16 @@ def test_command_writes_the_export(demo, tmp_path, capsys):
     assert line.startswith(f"dashboard export: {out} (") and line.endswith("index.html")
     assert re.search(r"\(\d+ answers, \d+\.\d MB\)", line)
     assert _index(out)
+
+
+def test_command_exports_the_noising_folder(demo, tmp_path):
+    noising_dir = _noising(tmp_path / "lab")
+    out = tmp_path / "share"
+    assert _cli("--experiment", "demo", "--experiments-dir", str(demo.parent),
+                "--noising-dir", str(noising_dir), str(out)) == 0
+    assert canonical_key("noising_run", {"run": "20260101-000000",
+                                         "metric": "mean_logprob"}) in _index(out)
+    assert (out / "noising/20260102-000000/viz.html").read_bytes() == VIEWER
 
 
 def test_command_takes_the_folder_as_out_too(demo, tmp_path):

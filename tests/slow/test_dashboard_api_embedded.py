@@ -22,9 +22,9 @@ from residlab.experiments import load_experiment, load_variant
 from residlab.inference import logit_lens
 from residlab.inference.attention import eager_attention
 from residlab.noising.stats import scale_quantiles, vector_drops
-from residlab.server import dashboard_views
 from residlab.server.app import create_app
-from residlab.server.dashboard_data import ENDPOINTS, DashboardData
+from residlab.server.dashboard import deepdive
+from residlab.server.dashboard.data import ENDPOINTS, DashboardData
 from residlab.server.state import ServerState
 
 pytestmark = pytest.mark.slow
@@ -117,7 +117,7 @@ def test_on_demand_refusals(served, monkeypatch):
     other = client.get("/api/data/lens", params={**TUNED, "variant": "base", "id": "p2",
                                                  "token": "1"})
     assert other.status_code == 404 and "residlab extract-viz" in other.json()["error"]
-    monkeypatch.setattr(dashboard_views, "ATTENTION_LIMIT", 1 << 16)
+    monkeypatch.setattr(deepdive, "ATTENTION_LIMIT", 1 << 16)
     big = client.get("/api/data/attention", params={**TUNED, "id": "p3", "token": "1"})
     assert big.status_code == 400 and "--layers" in big.json()["error"]
 

@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from residlab.server.app import create_app  # noqa: E402
-from residlab.server.export import export_dashboard  # noqa: E402
+from residlab.server.dashboard.export import export_dashboard  # noqa: E402
 from residlab.server.state import ServerState  # noqa: E402
 from test_server_api import serve_in_thread  # noqa: E402
 from test_viz import CHROMIUM, CHROMIUM_ARGS, SCREENSHOT_DIR, _browser  # noqa: E402

@@ -16,6 +16,8 @@ class DashboardExportOptions(CommandOptions):
     force: bool = option(False, "replace a previous export in that folder")
     experiments_dir: str | None = option(None, "the experiments folder (default: "
                                          "RESIDLAB_EXPERIMENTS_DIR or ./experiments)")
+    noising_dir: str = option("noising/outputs", "the noising runner's output_dir whose runs "
+                              "(answers and viz.html) the export holds")
 
 
 def _out(options: DashboardExportOptions) -> str:
@@ -39,12 +41,13 @@ def run_export(options: DashboardExportOptions) -> None:
 
     out = _out(options)
     try:
-        from residlab.server.export import export_dashboard
+        from residlab.server.dashboard.export import export_dashboard
     except ModuleNotFoundError as error:
         if (error.name or "").startswith("residlab"):
             raise
         raise UsageError(f"the dashboard export needs {error.name}: pip install "
                          "'residlab[server]'") from None
     root = Path(options.experiments_dir) if options.experiments_dir else experiments_root()
-    result = export_dashboard(root, options.experiment, Path(out), force=options.force)
+    result = export_dashboard(root, options.experiment, Path(out), force=options.force,
+                              noising_dir=Path(options.noising_dir))
     print(result)

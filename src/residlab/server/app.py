@@ -3,7 +3,7 @@
 Nothing happens at import time; :func:`create_app` takes the state and the settings. Routers:
 the model server (:mod:`residlab.server.model_api`), background tasks
 (:mod:`residlab.server.tasks`), the Live Chat stream (:mod:`residlab.server.chat`), the
-dashboard's read-only data (``/api/data/{endpoint}``, :mod:`~residlab.server.dashboard_api`),
+dashboard's read-only data (``/api/data/{endpoint}``, :mod:`~residlab.server.dashboard.api`),
 and the static pages (the dashboard at ``/``, Live Chat at ``/chat``, ``/static/{name}``).
 Static routes serve only the regular files found directly in the static folder or its
 ``vendor/`` folder, looked up by name in that listing, so ``..``, encoded ``%2e%2e``, absolute
@@ -34,8 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from residlab.errors import NotFound, UsageError
 from residlab.server.chat import chat_router
-from residlab.server.dashboard_api import dashboard_router
-from residlab.server.dashboard_data import DashboardData
+from residlab.server.dashboard.api import dashboard_router
+from residlab.server.dashboard.data import DashboardData
 from residlab.server.model_api import model_router
 from residlab.server.security import DEFAULT_MAX_BODY_BYTES, LOOPBACK_NAMES, SecurityMiddleware
 from residlab.server.state import ServerState

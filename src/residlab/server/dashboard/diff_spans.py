@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -15,11 +15,8 @@ from residlab.analysis.model_diff.per_token import split_clauses
 from residlab.analysis.model_diff.spans import _rank
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
-from residlab.server.dashboard_analysis import _doc, _logprob_docs, _pair, diff_index
-from residlab.server.dashboard_data import _cmd, _Params
-
-if TYPE_CHECKING:
-    from residlab.server.dashboard_data import DashboardData
+from residlab.server.dashboard.analysis import diff_index, logprob_docs, read_doc, variant_pair
+from residlab.server.dashboard.files import DashboardFiles, Params, cmd
 
 __all__ = ["HANDLERS", "export_keys"]
 
@@ -28,21 +25,21 @@ SOURCES = ("per_token", "logprobs")
 TOP = 20
 
 
-def _per_token_docs(data: DashboardData, p: _Params, exp: Experiment, a: str, b: str,
+def _per_token_docs(data: DashboardFiles, p: Params, exp: Experiment, a: str, b: str,
                     folder: Path | None, prompt_set: str) -> tuple[str, int, list[dict]]:
     trait, layer = p.text("trait"), p.integer("layer")
-    command = _cmd("diff per-token", exp.name, variant_a=a, variant_b=b,
-                   prompt_set=prompt_set, trait=trait, layer=str(layer))
-    where = data._child(data._trait_dir(data._child(folder, "per_token_diff"), trait),
-                        f"L{layer}", prompt_set)
-    ids = [i for i in data._ids(where) if i != "aggregate"]
+    command = cmd("diff per-token", exp.name, variant_a=a, variant_b=b,
+                  prompt_set=prompt_set, trait=trait, layer=str(layer))
+    where = data.child(data.trait_dir(data.child(folder, "per_token_diff"), trait),
+                       f"L{layer}", prompt_set)
+    ids = [i for i in data.ids(where) if i != "aggregate"]
     if not ids:
         raise NotFound(f"no per-token diff of {trait} at layer {layer} for {a} vs {b} on "
                        f"{prompt_set!r}; make it with '{command}'")
     docs = []
     for prompt_id in ids:
-        path = data._child(where, f"{prompt_id}.json", is_dir=False)
-        doc = _doc(data, path, command)
+        path = data.child(where, f"{prompt_id}.json", is_dir=False)
+        doc = read_doc(data, path, command)
         if not isinstance(doc, dict) or not isinstance(doc.get("per_token_delta"), list) or (
                 not isinstance(doc.get("clauses"), list)):
             raise UsageError(f"{path} needs 'per_token_delta' and 'clauses'; make it again "
@@ -65,7 +62,7 @@ def _clauses(doc: dict) -> list[dict]:
     return out
 
 
-def _offsets(data: DashboardData, exp: Experiment, pair: tuple[str, str], prompt_set: str,
+def _offsets(data: DashboardFiles, exp: Experiment, pair: tuple[str, str], prompt_set: str,
              docs: list[dict]) -> dict[str, tuple[str, int] | None]:
     """``{prompt id: (variant, prompt_end)}`` of the response record whose response tokens
     are as many as the deltas (B's first, then A's)."""
@@ -79,7 +76,7 @@ def _offsets(data: DashboardData, exp: Experiment, pair: tuple[str, str], prompt
     for doc in docs:
         out[doc["prompt_id"]] = None
         for where in wheres:
-            record = data._record(where, doc["prompt_id"], required=False)
+            record = data.record(where, doc["prompt_id"], required=False)
             if record is not None and len(record["tokens"]) - record["prompt_end"] == len(
                     doc["delta"]):
                 out[doc["prompt_id"]] = (where.variant, record["prompt_end"])
@@ -97,14 +94,14 @@ def _span_out(rank: int, span: dict, z: float, offset: tuple[str, int] | None) -
             "variant": None if offset is None else offset[0]}
 
 
-def diff_spans(data: DashboardData, p: _Params) -> dict[str, Any]:
-    exp, a, b, folder = _pair(data, p)
+def diff_spans(data: DashboardFiles, p: Params) -> dict[str, Any]:
+    exp, a, b, folder = variant_pair(data, p)
     prompt_set = p.text("set")
     source = p.choice("source", SOURCES, "per_token")
     sort = p.choice("sort", SORTS, "abs")
     top = p.integer("top", TOP, 1, 1000)
     if source == "logprobs":
-        trait, layer, docs = None, None, _logprob_docs(data, p)[4]
+        trait, layer, docs = None, None, logprob_docs(data, p)[4]
     else:
         trait, layer, docs = _per_token_docs(data, p, exp, a, b, folder, prompt_set)
     values = np.concatenate([np.asarray(d["delta"], dtype=np.float64) for d in docs])  # (N,)
@@ -118,8 +115,8 @@ def diff_spans(data: DashboardData, p: _Params) -> dict[str, Any]:
                                 offsets[s["prompt_id"]]) for i, s in enumerate(ranked)]}
 
 
-def export_keys(data: DashboardData, name: str) -> Iterator[tuple[str, dict[str, str]]]:
-    exp = data._exp(name)
+def export_keys(data: DashboardFiles, name: str) -> Iterator[tuple[str, dict[str, str]]]:
+    exp = data.experiment(name)
     for pair in diff_index(data, exp):
         base = {"exp": name, "a": pair["variant_a"], "b": pair["variant_b"]}
         for prompt_set in pair["compare"]:

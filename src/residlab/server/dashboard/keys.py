@@ -5,24 +5,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from residlab.analysis.model_diff.per_token import _id_key
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
-from residlab.server import dashboard_projections as pj
-from residlab.server.dashboard_data import CLEAN, PAGE, SPAN_TOP, SPAN_WINDOWS, _Params, _Where
-from residlab.server.dashboard_inference import viz_index
-from residlab.server.dashboard_projections import _Projection
-from residlab.server.dashboard_views import _file_rows, _parse_lens, _span_table, _viz_file
-
-if TYPE_CHECKING:
-    from residlab.server.dashboard_data import DashboardData
+from residlab.server.dashboard import projections as pj
+from residlab.server.dashboard.deepdive import file_rows, parse_lens, viz_file
+from residlab.server.dashboard.files import (
+    CLEAN,
+    PAGE,
+    SPAN_TOP,
+    SPAN_WINDOWS,
+    DashboardFiles,
+    Params,
+    Where,
+)
+from residlab.server.dashboard.inference import viz_index
+from residlab.server.dashboard.projections import Projection
+from residlab.server.dashboard.spans import span_table
 
 __all__ = ["export_keys"]
 
 
-def _projection_keys(data: DashboardData, where: _Where, base: dict[str, str],
+def _projection_keys(data: DashboardFiles, where: Where, base: dict[str, str],
                      ids: list[str], traits: dict) -> Iterator[tuple[str, dict[str, str]]]:
     for trait in traits:
         for prompt_id in ids:
@@ -34,14 +39,14 @@ def _projection_keys(data: DashboardData, where: _Where, base: dict[str, str],
                 yield "projections", {**base, "id": prompt_id, "trait": trait, "clean": clean}
 
 
-def _norm_keys(data: DashboardData, where: _Where, base: dict[str, str], ids: list[str],
+def _norm_keys(data: DashboardFiles, where: Where, base: dict[str, str], ids: list[str],
                traits: dict) -> Iterator[tuple[str, dict[str, str]]]:
     layers = sorted({layer for entry in traits.values() for layer in entry["layers"]})
     calibrated = pj.top5(data, where.exp, where.variant) is not None
     for prompt_id in ids:
         for layer in layers:
             try:
-                file: _Projection = pj.norm_file(data, where, prompt_id, layer)
+                file: Projection = pj.norm_file(data, where, prompt_id, layer)
             except NotFound:
                 continue
             cleans = ["none"] + (["top5"] if calibrated and file.dims else []) + (
@@ -50,15 +55,15 @@ def _norm_keys(data: DashboardData, where: _Where, base: dict[str, str], ids: li
                 yield "norms", {**base, "id": prompt_id, "layer": str(layer), "clean": clean}
 
 
-def _viz_keys(data: DashboardData, where: _Where, base: dict[str, str],
+def _viz_keys(data: DashboardFiles, where: Where, base: dict[str, str],
               viz: dict[str, list[str]]) -> Iterator[tuple[str, dict[str, str]]]:
     for prompt_id in viz.get("lens", []):
-        path = _viz_file(data, where, f"{prompt_id}_logit_lens.json")
-        for token in range(len(data._load(path, _parse_lens)["predictions"])):
+        path = viz_file(data, where, f"{prompt_id}_logit_lens.json")
+        for token in range(len(data.load(path, parse_lens)["predictions"])):
             yield "lens", {**base, "id": prompt_id, "token": str(token)}
     for prompt_id in viz.get("attention", []):
-        path = _viz_file(data, where, f"{prompt_id}_attention.safetensors")
-        _, layers = _file_rows(path, where, 0)
+        path = viz_file(data, where, f"{prompt_id}_attention.safetensors")
+        _, layers = file_rows(path, where, 0)
         n_tokens = _attention_tokens(path)
         for token in range(n_tokens):
             params = {**base, "id": prompt_id, "token": str(token)}
@@ -74,9 +79,9 @@ def _attention_tokens(path: Path) -> int:
         return int(handle.get_slice("attention").get_shape()[2])
 
 
-def _set_keys(data: DashboardData, where: _Where) -> Iterator[tuple[str, dict[str, str]]]:
+def _set_keys(data: DashboardFiles, where: Where) -> Iterator[tuple[str, dict[str, str]]]:
     base = {"exp": where.exp.name, "variant": where.variant, "set": where.prompt_set}
-    ids = data._ids(where.responses)
+    ids = data.ids(where.responses)
     for offset in range(0, max(len(ids), 1), PAGE):
         yield "prompts", {**base, "offset": str(offset), "limit": str(PAGE)}
     for prompt_id in ids:
@@ -88,7 +93,7 @@ def _set_keys(data: DashboardData, where: _Where) -> Iterator[tuple[str, dict[st
     yield from _viz_keys(data, where, base, viz)
 
 
-def _span_keys(data: DashboardData, exp: Experiment) -> Iterator[tuple[str, dict[str, str]]]:
+def _span_keys(data: DashboardFiles, exp: Experiment) -> Iterator[tuple[str, dict[str, str]]]:
     """Every ordered pair of variants with projections of the same set and trait."""
     variants = list(exp.config.model_variants)
     index = {v: pj.projection_index(data, exp, v) for v in variants}
@@ -102,7 +107,7 @@ def _span_keys(data: DashboardData, exp: Experiment) -> Iterator[tuple[str, dict
                     yield from _pair_keys(data, exp, (a, b), prompt_set, trait, index, combos)
 
 
-def _pair_keys(data: DashboardData, exp: Experiment, pair: tuple[str, str], prompt_set: str,
+def _pair_keys(data: DashboardFiles, exp: Experiment, pair: tuple[str, str], prompt_set: str,
                trait: str, index: dict, combos: list) -> Iterator[tuple[str, dict[str, str]]]:
     a, b = pair
     entries = index[a][prompt_set][trait], index[b][prompt_set][trait]
@@ -114,8 +119,8 @@ def _pair_keys(data: DashboardData, exp: Experiment, pair: tuple[str, str], prom
     for layer in layers:
         params = base if layer is None else {**base, "layer": str(layer)}
         try:
-            table, _, _ = _span_table(data, _Params({**params, "mode": "clause",
-                                                     "window": "8"}))
+            table, _, _ = span_table(data, Params({**params, "mode": "clause",
+                                                   "window": "8"}))
         except UsageError:  # vectors or tokens that do not pair: the page shows the error
             continue
         for mode, window in combos:
@@ -125,12 +130,12 @@ def _pair_keys(data: DashboardData, exp: Experiment, pair: tuple[str, str], prom
                 yield "spans", {**keyed, "scope": "prompt", "id": prompt_id}
 
 
-def export_keys(data: DashboardData, name: str) -> Iterator[tuple[str, dict[str, str]]]:
+def export_keys(data: DashboardFiles, name: str) -> Iterator[tuple[str, dict[str, str]]]:
     """Every ``(endpoint, params)`` the page can request for experiment ``name``."""
-    exp = data._exp(name)
+    exp = data.experiment(name)
     yield "experiments", {}
     yield "experiment", {"exp": name}
     for variant in exp.config.model_variants:
-        for prompt_set in data._prompt_sets(exp, variant):
+        for prompt_set in data.prompt_sets(exp, variant):
             yield from _set_keys(data, data.locate(exp, variant, prompt_set))
     yield from _span_keys(data, exp)

@@ -8,33 +8,31 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
-from residlab.server.dashboard_data import (
+from residlab.server.dashboard.files import (
     TOP5_MIN_LAYERS,
-    _b64,
-    _cmd,
-    _Invalid,
-    _Params,
-    _parse_json,
+    DashboardFiles,
+    Invalid,
+    Params,
+    b64,
+    cmd,
+    parse_json,
 )
-
-if TYPE_CHECKING:
-    from residlab.server.dashboard_data import DashboardData
 
 __all__ = ["HANDLERS", "diff_index", "export_keys"]
 
 COMPONENT_NORMS = {"attn": "attn_mean_norm", "mlp": "mlp_mean_norm"}
 
 
-def _doc(data: DashboardData, path: Path, command: str) -> Any:
+def read_doc(data: DashboardFiles, path: Path, command: str) -> Any:
     try:
-        return data._load(path, _parse_json)
-    except _Invalid as error:
+        return data.load(path, parse_json)
+    except Invalid as error:
         raise UsageError(f"{path} is not valid ({error}); make it again with '{command}'") from None
 
 
@@ -78,19 +76,19 @@ def _cosine(layers: list[int], entries: list[dict]) -> dict[str, Any] | None:
     means = np.asarray([e["mean"] for e in entries], dtype=np.float64)  # (L, d)
     unit = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     matrix = unit @ unit.T  # (L, L)
-    return {"layers": layers, "n": len(layers), "matrix_b64": _b64(matrix),
+    return {"layers": layers, "n": len(layers), "matrix_b64": b64(matrix),
             "adjacent": [float(matrix[i, i + 1]) for i in range(len(layers) - 1)]}
 
 
-def calibration(data: DashboardData, p: _Params) -> dict[str, Any]:
-    exp = data._exp(p.text("exp"))
-    variant = data._variant(exp, p.text("variant"))
-    command = _cmd("calibrate", exp.name, model_variant=variant)
-    path = data._inference(exp, variant, "massive_activations", "calibration.json",
-                           is_dir=False)
+def calibration(data: DashboardFiles, p: Params) -> dict[str, Any]:
+    exp = data.experiment(p.text("exp"))
+    variant = data.variant(exp, p.text("variant"))
+    command = cmd("calibrate", exp.name, model_variant=variant)
+    path = data.inference(exp, variant, "massive_activations", "calibration.json",
+                          is_dir=False)
     if path is None:
         raise NotFound(f"no calibration of {variant} in {exp.name}; make it with '{command}'")
-    doc = _doc(data, path, command)
+    doc = read_doc(data, path, command)
     try:
         layers = sorted(int(k) for k in doc["layers"])
         entries = [doc["layers"][str(layer)] for layer in layers]
@@ -114,34 +112,34 @@ def calibration(data: DashboardData, p: _Params) -> dict[str, Any]:
 
 # --- model diff ----------------------------------------------------------------------------------
 
-def _pair(data: DashboardData, p: _Params) -> tuple[Experiment, str, str, Path | None]:
-    exp = data._exp(p.text("exp"))
-    a, b = data._variant(exp, p.text("a")), data._variant(exp, p.text("b"))
+def variant_pair(data: DashboardFiles, p: Params) -> tuple[Experiment, str, str, Path | None]:
+    exp = data.experiment(p.text("exp"))
+    a, b = data.variant(exp, p.text("a")), data.variant(exp, p.text("b"))
     if a == b:
         raise UsageError(f"a={a} and b={b}: pick two different variants")
-    return exp, a, b, data._child(data.root, exp.name, "model_diff", f"{a}_vs_{b}")
+    return exp, a, b, data.child(data.root, exp.name, "model_diff", f"{a}_vs_{b}")
 
 
-def diff_index(data: DashboardData, exp: Experiment) -> list[dict[str, Any]]:
+def diff_index(data: DashboardFiles, exp: Experiment) -> list[dict[str, Any]]:
     """Per variant pair with a ``model_diff`` folder: its compare, logprobs and per-token sets."""
     variants = list(exp.config.model_variants)
-    base = data._child(data.root, exp.name, "model_diff")
+    base = data.child(data.root, exp.name, "model_diff")
     out = []
     for a in variants:
         for b in variants:
-            folder = data._child(base, f"{a}_vs_{b}") if a != b else None
+            folder = data.child(base, f"{a}_vs_{b}") if a != b else None
             if folder is None:
                 continue
-            compare = [s for s in data._dirs(folder) if s not in ("per_token_diff", "logprobs")
-                       and data._child(folder, s, "results.json", is_dir=False) is not None]
-            logprobs = [s for s in data._dirs(data._child(folder, "logprobs"))
-                        if data._ids(data._child(folder, "logprobs", s))]
+            compare = [s for s in data.dirs(folder) if s not in ("per_token_diff", "logprobs")
+                       and data.child(folder, s, "results.json", is_dir=False) is not None]
+            logprobs = [s for s in data.dirs(data.child(folder, "logprobs"))
+                        if data.ids(data.child(folder, "logprobs", s))]
             per_token = []
-            ptd = data._child(folder, "per_token_diff")
-            for trait in data._traits_under(ptd):
-                for name in data._dirs(data._trait_dir(ptd, trait)):
+            ptd = data.child(folder, "per_token_diff")
+            for trait in data.traits_under(ptd):
+                for name in data.dirs(data.trait_dir(ptd, trait)):
                     if name[:1] == "L" and name[1:].lstrip("-").isdigit():
-                        for s in data._dirs(data._child(data._trait_dir(ptd, trait), name)):
+                        for s in data.dirs(data.child(data.trait_dir(ptd, trait), name)):
                             per_token.append({"trait": trait, "layer": int(name[1:]), "set": s})
             per_token.sort(key=lambda e: (e["trait"], e["layer"], e["set"]))
             out.append({"variant_a": a, "variant_b": b, "compare": compare,
@@ -171,16 +169,16 @@ def _diff_trait(trait: str, entry: dict) -> dict[str, Any]:
             **{k: list(entry[v]) for k, v in fields.items()}}
 
 
-def model_diff(data: DashboardData, p: _Params) -> dict[str, Any]:
-    exp, a, b, folder = _pair(data, p)
+def model_diff(data: DashboardFiles, p: Params) -> dict[str, Any]:
+    exp, a, b, folder = variant_pair(data, p)
     prompt_set = p.text("set")
-    command = _cmd("diff compare", exp.name, variant_a=a, variant_b=b, prompt_set=prompt_set)
-    path = None if prompt_set in ("per_token_diff", "logprobs") else data._child(
+    command = cmd("diff compare", exp.name, variant_a=a, variant_b=b, prompt_set=prompt_set)
+    path = None if prompt_set in ("per_token_diff", "logprobs") else data.child(
         folder, prompt_set, "results.json", is_dir=False)
     if path is None:
         raise NotFound(f"no model diff of {a} vs {b} on {prompt_set!r}; make it with "
                        f"'{command}'")
-    doc = _doc(data, path, command)
+    doc = read_doc(data, path, command)
     try:
         traits = [_diff_trait(t, doc["traits"][t]) for t in sorted(doc["traits"])]
     except (KeyError, TypeError, IndexError, AttributeError):
@@ -191,20 +189,20 @@ def model_diff(data: DashboardData, p: _Params) -> dict[str, Any]:
             "vector_variant": doc.get("vector_variant"), "traits": traits}
 
 
-def _logprob_docs(data: DashboardData, p: _Params) -> tuple[Experiment, str, str, str,
-                                                              list[dict]]:
-    exp, a, b, folder = _pair(data, p)
+def logprob_docs(data: DashboardFiles, p: Params) -> tuple[Experiment, str, str, str,
+                                                            list[dict]]:
+    exp, a, b, folder = variant_pair(data, p)
     prompt_set = p.text("set")
-    command = _cmd("diff logprobs", exp.name, variant_a=a, variant_b=b, prompt_set=prompt_set)
-    where = data._child(folder, "logprobs", prompt_set)
-    ids = data._ids(where)
+    command = cmd("diff logprobs", exp.name, variant_a=a, variant_b=b, prompt_set=prompt_set)
+    where = data.child(folder, "logprobs", prompt_set)
+    ids = data.ids(where)
     if not ids:
         raise NotFound(f"no log-prob diff of {a} vs {b} on {prompt_set!r}; make it with "
                        f"'{command}'")
     docs = []
     for prompt_id in ids:
-        path = data._child(where, f"{prompt_id}.json", is_dir=False)
-        doc = _doc(data, path, command)
+        path = data.child(where, f"{prompt_id}.json", is_dir=False)
+        doc = read_doc(data, path, command)
         ok = isinstance(doc, dict) and all(isinstance(doc.get(k), list) for k in (
             "delta", "kl", "tokens")) and len(doc["delta"]) == len(doc["tokens"]) == len(
             doc["kl"])
@@ -215,8 +213,8 @@ def _logprob_docs(data: DashboardData, p: _Params) -> tuple[Experiment, str, str
     return exp, a, b, prompt_set, docs
 
 
-def logprob_diff(data: DashboardData, p: _Params) -> dict[str, Any]:
-    _, a, b, prompt_set, docs = _logprob_docs(data, p)
+def logprob_diff(data: DashboardFiles, p: Params) -> dict[str, Any]:
+    _, a, b, prompt_set, docs = logprob_docs(data, p)
     width = max(len(d["delta"]) for d in docs)
     sums = np.zeros((2, width))  # (2, T): delta, kl
     counts = np.zeros(width, dtype=np.int64)  # (T,)
@@ -240,12 +238,12 @@ def logprob_diff(data: DashboardData, p: _Params) -> dict[str, Any]:
                         for d in docs]}
 
 
-def export_keys(data: DashboardData, name: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """The calibration of every variant that has one (diffs: ``dashboard_diff_spans``)."""
-    exp = data._exp(name)
+def export_keys(data: DashboardFiles, name: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """The calibration of every variant that has one (diffs: :mod:`.diff_spans`)."""
+    exp = data.experiment(name)
     for variant in exp.config.model_variants:
-        if data._inference(exp, variant, "massive_activations", "calibration.json",
-                           is_dir=False) is not None:
+        if data.inference(exp, variant, "massive_activations", "calibration.json",
+                          is_dir=False) is not None:
             yield "calibration", {"exp": name, "variant": variant}
 
 

@@ -3,7 +3,7 @@
 
 The folder holds the page (``index.html``), its stylesheets and vendored libraries under
 ``static/``, the page's ES modules as one classic script (``static/dashboard.bundle.js``, see
-:mod:`residlab.server.static_bundle`: browsers do not load modules from ``file://``), and the
+:mod:`residlab.server.dashboard.bundle`: browsers do not load modules from ``file://``), and the
 API's answers under ``data/``: ``data/index.js`` maps each canonical request key to a data
 file, and each data file calls ``window.RESIDLAB_STATIC_PUT(key, payload)``. Scripts are the
 one thing a ``file://`` page may load from its own folder (``fetch`` of a file is refused), so
@@ -11,7 +11,9 @@ the answers travel as scripts; the page loads one when a view asks for it.
 
 The answers are exactly :meth:`DashboardData.answer` for every request of
 :meth:`DashboardData.export_keys` (what the page can ask for this experiment). Those that are
-missing (``NotFound``) are left out, and the page says "not in this export" for them.
+missing (``NotFound``) are left out, and the page says "not in this export" for them. With a
+noising folder, the Noising view's answers come along, and each run's ``viz.html`` is copied
+to ``noising/{run}/viz.html``, where the static page links to it.
 
 The folder is built beside ``out`` under a temporary name and renamed at the end, so ``out``
 is never a half-written export.
@@ -33,12 +35,14 @@ import orjson
 
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import load_experiment
-from residlab.server.dashboard_data import DashboardData, canonical_key
-from residlab.server.static_bundle import bundle_modules
+from residlab.server.dashboard import noising
+from residlab.server.dashboard.bundle import bundle_modules
+from residlab.server.dashboard.data import DashboardData
+from residlab.server.dashboard.files import canonical_key
 
 __all__ = ["CSP", "ExportResult", "export_dashboard", "static_index_html"]
 
-STATIC_DIR = Path(__file__).parent / "static"
+STATIC_DIR = Path(__file__).parents[1] / "static"  # residlab/server/static
 ENTRY = "dash_app.js"
 BUNDLE = "dashboard.bundle.js"
 # Scripts only from the export's own files (no inline script); 'self' covers the folder of a
@@ -129,7 +133,7 @@ def _write_page(folder: Path) -> None:
     (folder / "static" / "vendor").mkdir(parents=True)
     (folder / "index.html").write_text(static_index_html(html), encoding="utf-8")
     (folder / "static" / BUNDLE).write_text(bundle_modules(STATIC_DIR, ENTRY),
-                                           encoding="utf-8")
+                                            encoding="utf-8")
     notices = [p.name for p in (STATIC_DIR / "vendor").glob("*") if p.is_file()
                and not p.is_symlink() and ("LICENSE" in p.name or p.name == "VENDORED.json")]
     for name in [*names, *(f"vendor/{n}" for n in notices)]:
@@ -205,14 +209,25 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_dashboard(root: Path, experiment: str, out: Path, *,
-                     force: bool = False) -> ExportResult:
+def _write_noising_viz(folder: Path, data: DashboardData) -> None:
+    """Each noising run's ``viz.html`` at ``noising/{run}/viz.html``: the run's ``viz_url``
+    made relative, which is where the static page links (a run name is a listed folder name,
+    never ``.``-prefixed, so it stays inside ``folder``)."""
+    for run, path in noising.viz_files(data).items():
+        target = folder / "noising" / run / "viz.html"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def export_dashboard(root: Path, experiment: str, out: Path, *, force: bool = False,
+                     noising_dir: str | Path | None = None) -> ExportResult:
     """Write the static dashboard of ``experiment`` (under the experiments folder ``root``)
-    to ``out``; ``force`` replaces a previous export there."""
+    to ``out``; ``force`` replaces a previous export there. ``noising_dir`` (the noising
+    runner's ``output_dir``; None: no Noising runs) adds its runs' answers and viewers."""
     out = Path(out).absolute()
     _check_out(out, force)
     load_experiment(experiment, Path(root))  # unknown: an error naming the folder, no write
-    data = DashboardData(Path(root), [experiment], state=None)
+    data = DashboardData(Path(root), [experiment], state=None, noising_dir=noising_dir)
     data.answer("experiment", {"exp": experiment})
     requests = _requests(data, experiment)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +235,7 @@ def export_dashboard(root: Path, experiment: str, out: Path, *,
     try:
         _write_page(staging)
         answers = _write_answers(staging, data, requests, len(requests))
+        _write_noising_viz(staging, data)
         size = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         staging.chmod(0o777 & ~_umask())
         _publish(staging, out)

@@ -11,16 +11,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
-from residlab.server.dashboard_data import MAX_PAGE, PAGE, _cmd, _Invalid, _Params, _parse_json
+from residlab.server.dashboard.files import (
+    MAX_PAGE,
+    PAGE,
+    DashboardFiles,
+    Invalid,
+    Params,
+    cmd,
+    parse_json,
+)
 from residlab.traits.positions import position_slug
 from residlab.traits.steer_results import summarize
-
-if TYPE_CHECKING:
-    from residlab.server.dashboard_data import DashboardData
 
 __all__ = ["HANDLERS", "export_keys", "extraction_entries", "steering_rows"]
 
@@ -36,7 +41,7 @@ def _parse_header(path: Path, data: bytes) -> dict[str, Any]:
         meta = json.loads(header["__metadata__"]["residlab"])
         int(meta["layer"])
     except (ValueError, KeyError, TypeError):
-        raise _Invalid("no residlab metadata in its header") from None
+        raise Invalid("no residlab metadata in its header") from None
     return meta
 
 
@@ -45,35 +50,35 @@ def _parse_jsonl(path: Path, data: bytes) -> list[dict]:
 
     rows = [orjson.loads(line) for line in data.splitlines() if line.strip()]
     if not all(isinstance(row, dict) for row in rows):
-        raise _Invalid("a line is not a JSON object")
+        raise Invalid("a line is not a JSON object")
     return rows
 
 
-def extraction_entries(data: DashboardData, exp: Experiment) -> list[tuple[str, str, Path]]:
+def extraction_entries(data: DashboardFiles, exp: Experiment) -> list[tuple[str, str, Path]]:
     """``(trait, variant, folder)`` of every extraction folder that has a ``vectors`` folder."""
-    base = data._child(data.root, exp.name, "extraction")
+    base = data.child(data.root, exp.name, "extraction")
     out = []
-    for trait in data._traits_under(base):
-        folder = data._trait_dir(base, trait)
-        for variant in data._dirs(folder):
-            if data._child(folder, variant, "vectors") is not None:
-                out.append((trait, variant, data._child(folder, variant)))
+    for trait in data.traits_under(base):
+        folder = data.trait_dir(base, trait)
+        for variant in data.dirs(folder):
+            if data.child(folder, variant, "vectors") is not None:
+                out.append((trait, variant, data.child(folder, variant)))
     return out
 
 
-def _vectors(data: DashboardData, folder: Path) -> list[dict[str, Any]]:
+def _vectors(data: DashboardFiles, folder: Path) -> list[dict[str, Any]]:
     """Every stored vector's identity and stats (``vectors/{pos}/{comp}/{method}/layer{L}``)."""
     out = []
-    vectors = data._child(folder, "vectors")
-    for slug in data._dirs(vectors):
-        for component in data._dirs(data._child(vectors, slug)):
-            for method in data._dirs(data._child(vectors, slug, component)):
-                where = data._child(vectors, slug, component, method)
-                for name in sorted(data._files(where, ".safetensors")):
-                    path = data._child(where, f"{name}.safetensors", is_dir=False)
+    vectors = data.child(folder, "vectors")
+    for slug in data.dirs(vectors):
+        for component in data.dirs(data.child(vectors, slug)):
+            for method in data.dirs(data.child(vectors, slug, component)):
+                where = data.child(vectors, slug, component, method)
+                for name in sorted(data.file_names(where, ".safetensors")):
+                    path = data.child(where, f"{name}.safetensors", is_dir=False)
                     try:
-                        meta = data._load(path, _parse_header)
-                    except _Invalid as error:
+                        meta = data.load(path, _parse_header)
+                    except Invalid as error:
                         raise UsageError(f"{path} is not a valid vector file ({error}); extract "
                                          "it again with 'residlab extract'") from None
                     out.append({**meta, "method": method, "component": component,
@@ -81,16 +86,16 @@ def _vectors(data: DashboardData, folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def steering_rows(data: DashboardData, exp: Experiment, trait: str,
+def steering_rows(data: DashboardFiles, exp: Experiment, trait: str,
                   variant: str) -> list[dict] | None:
     """The judged rows of ``steering/{trait}/{variant}/results.jsonl`` (None: no file)."""
-    folder = data._trait_dir(data._child(data.root, exp.name, "steering"), trait)
-    path = data._child(folder, variant, "results.jsonl", is_dir=False)
+    folder = data.trait_dir(data.child(data.root, exp.name, "steering"), trait)
+    path = data.child(folder, variant, "results.jsonl", is_dir=False)
     if path is None:
         return None
     try:
-        return data._load(path, _parse_jsonl)
-    except _Invalid as error:
+        return data.load(path, _parse_jsonl)
+    except Invalid as error:
         raise UsageError(f"{path} is not a valid results file ({error}); run 'residlab steer "
                          f"--experiment {exp.name} --trait {trait}' again") from None
 
@@ -152,7 +157,7 @@ def _grid(vectors: list[dict]) -> dict[str, Any]:
                      "accuracy": best.get("accuracy"), "effect_size": best.get("effect_size")}}
 
 
-def _trait_entry(data: DashboardData, exp: Experiment, trait: str, variant: str,
+def _trait_entry(data: DashboardFiles, exp: Experiment, trait: str, variant: str,
                  folder: Path) -> dict[str, Any] | None:
     vectors = _vectors(data, folder)
     if not vectors:
@@ -165,45 +170,45 @@ def _trait_entry(data: DashboardData, exp: Experiment, trait: str, variant: str,
             "best": [_best_row(vectors, c, rows, variant) for c in components],
             "grids": [_grid([v for v in vectors if (v["slug"], v["component"]) == g])
                       for g in groups],
-            "vector_lens": data._child(folder, "logit_lens.json", is_dir=False) is not None,
-            "completions": data._child(folder, "completions.json", is_dir=False) is not None}
+            "vector_lens": data.child(folder, "logit_lens.json", is_dir=False) is not None,
+            "completions": data.child(folder, "completions.json", is_dir=False) is not None}
 
 
-def extraction(data: DashboardData, p: _Params) -> dict[str, Any]:
-    exp = data._exp(p.text("exp"))
+def extraction(data: DashboardFiles, p: Params) -> dict[str, Any]:
+    exp = data.experiment(p.text("exp"))
     traits = [entry for trait, variant, folder in extraction_entries(data, exp)
               if (entry := _trait_entry(data, exp, trait, variant, folder)) is not None]
     hints = {}
     if not traits:
-        hints["trait vectors"] = _cmd("extract", exp.name, traits="CATEGORY/NAME")
+        hints["trait vectors"] = cmd("extract", exp.name, traits="CATEGORY/NAME")
     return {"exp": exp.name, "min_coherence": MIN_COHERENCE, "traits": traits, "hints": hints}
 
 
-def _folder(data: DashboardData, p: _Params) -> tuple[Experiment, str, str, Path]:
+def _folder(data: DashboardFiles, p: Params) -> tuple[Experiment, str, str, Path]:
     """The extraction folder of ``(trait, variant)`` from the listings, else 404."""
-    exp = data._exp(p.text("exp"))
+    exp = data.experiment(p.text("exp"))
     trait, variant = p.text("trait"), p.text("variant")
-    base = data._trait_dir(data._child(data.root, exp.name, "extraction"), trait)
-    folder = data._child(base, variant)
+    base = data.trait_dir(data.child(data.root, exp.name, "extraction"), trait)
+    folder = data.child(base, variant)
     if folder is None:
-        command = _cmd("extract", exp.name, traits=trait, model_variant=variant)
+        command = cmd("extract", exp.name, traits=trait, model_variant=variant)
         raise NotFound(f"no extraction of trait {trait!r} for variant {variant!r} in "
                        f"{exp.name}; run '{command}'")
     return exp, trait, variant, folder
 
 
-def vector_lens(data: DashboardData, p: _Params) -> dict[str, Any]:
+def vector_lens(data: DashboardFiles, p: Params) -> dict[str, Any]:
     exp, trait, variant, folder = _folder(data, p)
-    path = data._child(folder, "logit_lens.json", is_dir=False)
-    command = (_cmd("extract-viz", exp.name, traits=trait, extraction_variant=variant)
+    path = data.child(folder, "logit_lens.json", is_dir=False)
+    command = (cmd("extract-viz", exp.name, traits=trait, extraction_variant=variant)
                + " --vectors")
     if path is None:
         raise NotFound(f"no vector logit lens of {trait} ({variant}); make it with '{command}'")
     try:
-        doc = data._load(path, _parse_json)
+        doc = data.load(path, parse_json)
         vectors = [{k: v.get(k) for k in ("method", "layer", "position", "component", "norm",
                                           "toward", "away")} for v in doc["vectors"]]
-    except (_Invalid, KeyError, TypeError, AttributeError):
+    except (Invalid, KeyError, TypeError, AttributeError):
         raise UsageError(f"{path} is not a valid vector logit lens file; make it again with "
                          f"'{command}'") from None
     return {"trait": trait, "variant": variant, "top_k": doc.get("top_k"),
@@ -211,17 +216,17 @@ def vector_lens(data: DashboardData, p: _Params) -> dict[str, Any]:
             "common": doc.get("common") or {"toward": [], "away": []}, "vectors": vectors}
 
 
-def _test_pairs(data: DashboardData, folder: Path) -> list[int] | None:
+def _test_pairs(data: DashboardFiles, folder: Path) -> list[int] | None:
     """The held-out pair indices recorded in the first vectors' metadata.json."""
-    vectors = data._child(folder, "vectors")
-    for slug in data._dirs(vectors):
-        for component in data._dirs(data._child(vectors, slug)):
-            for method in data._dirs(data._child(vectors, slug, component)):
-                path = data._child(vectors, slug, component, method, "metadata.json",
-                                   is_dir=False)
+    vectors = data.child(folder, "vectors")
+    for slug in data.dirs(vectors):
+        for component in data.dirs(data.child(vectors, slug)):
+            for method in data.dirs(data.child(vectors, slug, component)):
+                path = data.child(vectors, slug, component, method, "metadata.json",
+                                  is_dir=False)
                 try:
-                    pairs = data._load(path, _parse_json)["test_pairs"] if path else None
-                except (_Invalid, KeyError, TypeError):
+                    pairs = data.load(path, parse_json)["test_pairs"] if path else None
+                except (Invalid, KeyError, TypeError):
                     pairs = None
                 if isinstance(pairs, list):
                     return [int(i) for i in pairs]
@@ -235,20 +240,20 @@ def _side(records: list, index: int) -> dict[str, Any] | None:
     return {"text": record.get("text"), "completion": record.get("completion")}
 
 
-def contrastive(data: DashboardData, p: _Params) -> dict[str, Any]:
+def contrastive(data: DashboardFiles, p: Params) -> dict[str, Any]:
     exp, trait, variant, folder = _folder(data, p)
     offset = p.integer("offset", 0, 0)
     limit = p.integer("limit", PAGE, 1, MAX_PAGE)
-    path = data._child(folder, "completions.json", is_dir=False)
-    command = _cmd("extract", exp.name, traits=trait, model_variant=variant)
+    path = data.child(folder, "completions.json", is_dir=False)
+    command = cmd("extract", exp.name, traits=trait, model_variant=variant)
     if path is None:
         raise NotFound(f"no completions.json for {trait} ({variant}); make it with '{command}'")
     try:
-        doc = data._load(path, _parse_json)
+        doc = data.load(path, parse_json)
         positive, negative = doc.get("positive") or [], doc.get("negative") or []
         if not isinstance(positive, list) or not isinstance(negative, list):
-            raise _Invalid("positive / negative are not lists")
-    except (_Invalid, AttributeError):
+            raise Invalid("positive / negative are not lists")
+    except (Invalid, AttributeError):
         raise UsageError(f"{path} is not a valid completions file; make it again with "
                          f"'{command}'") from None
     total = max(len(positive), len(negative))
@@ -261,15 +266,15 @@ def contrastive(data: DashboardData, p: _Params) -> dict[str, Any]:
             "items": items}
 
 
-def export_keys(data: DashboardData, name: str) -> Iterator[tuple[str, dict[str, str]]]:
-    exp = data._exp(name)
+def export_keys(data: DashboardFiles, name: str) -> Iterator[tuple[str, dict[str, str]]]:
+    exp = data.experiment(name)
     yield "extraction", {"exp": name}
     for trait, variant, folder in extraction_entries(data, exp):
         base = {"exp": name, "trait": trait, "variant": variant}
-        if data._child(folder, "logit_lens.json", is_dir=False) is not None:
+        if data.child(folder, "logit_lens.json", is_dir=False) is not None:
             yield "vector_lens", base
         try:
-            total = contrastive(data, _Params({**base, "offset": "0", "limit": "1"}))["total"]
+            total = contrastive(data, Params({**base, "offset": "0", "limit": "1"}))["total"]
         except NotFound:
             continue
         for offset in range(0, max(total, 1), PAGE):

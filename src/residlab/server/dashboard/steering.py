@@ -13,16 +13,21 @@ import math
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
-from residlab.server.dashboard_data import MAX_PAGE, PAGE, _cmd, _Invalid, _Params, _parse_json
-from residlab.server.dashboard_extraction import steering_rows
+from residlab.server.dashboard.extraction import steering_rows
+from residlab.server.dashboard.files import (
+    MAX_PAGE,
+    PAGE,
+    DashboardFiles,
+    Invalid,
+    Params,
+    cmd,
+    parse_json,
+)
 from residlab.traits.steer_results import RESULT_FIELDS, setting_of, summarize
-
-if TYPE_CHECKING:
-    from residlab.server.dashboard_data import DashboardData
 
 __all__ = ["HANDLERS", "export_keys", "steering_runs"]
 
@@ -32,22 +37,22 @@ DIRECTIONS = ("all", "+", "-")
 FACETS = ("vector_variant", "method", "position", "component", "judge")
 
 
-def steering_runs(data: DashboardData, exp: Experiment) -> list[tuple[str, str]]:
+def steering_runs(data: DashboardFiles, exp: Experiment) -> list[tuple[str, str]]:
     """``(trait, variant)`` of every ``steering/{trait}/{variant}/results.jsonl``."""
-    base = data._child(data.root, exp.name, "steering")
-    return [(trait, variant) for trait in data._traits_under(base)
-            for variant in data._dirs(data._trait_dir(base, trait))
-            if data._child(data._trait_dir(base, trait), variant, "results.jsonl",
-                           is_dir=False) is not None]
+    base = data.child(data.root, exp.name, "steering")
+    return [(trait, variant) for trait in data.traits_under(base)
+            for variant in data.dirs(data.trait_dir(base, trait))
+            if data.child(data.trait_dir(base, trait), variant, "results.jsonl",
+                          is_dir=False) is not None]
 
 
-def _definition(data: DashboardData, trait: str) -> str | None:
+def _definition(data: DashboardFiles, trait: str) -> str | None:
     """The trait's ``definition.txt`` (the judge's rubric): the project's ``datasets/traits``
     beside the experiments folder, then ``./datasets/traits``, then the shipped data."""
     roots = [data.root.parent / "datasets" / "traits", Path("datasets/traits"),
              Path(str(resources.files("residlab").joinpath("data/traits")))]
     for root in roots:
-        path = data._child(data._trait_dir(root, trait), "definition.txt", is_dir=False)
+        path = data.child(data.trait_dir(root, trait), "definition.txt", is_dir=False)
         if path is not None:
             try:
                 return path.read_text("utf-8").strip()
@@ -56,12 +61,12 @@ def _definition(data: DashboardData, trait: str) -> str | None:
     return None
 
 
-def _rows(data: DashboardData, p: _Params) -> tuple[Experiment, str, str, list[dict]]:
-    exp = data._exp(p.text("exp"))
+def _rows(data: DashboardFiles, p: Params) -> tuple[Experiment, str, str, list[dict]]:
+    exp = data.experiment(p.text("exp"))
     trait, variant = p.text("trait"), p.text("variant")
     rows = steering_rows(data, exp, trait, variant)
     if rows is None:
-        command = _cmd("steer", exp.name, trait=trait, model_variant=variant)
+        command = cmd("steer", exp.name, trait=trait, model_variant=variant)
         raise NotFound(f"no steering results of {trait!r} for variant {variant!r} in "
                        f"{exp.name}; make them with '{command}'")
     try:
@@ -86,17 +91,17 @@ def _direction(coefficient: float) -> str | None:
     return "+" if coefficient > 0 else "-" if coefficient < 0 else None
 
 
-def _h_norms(data: DashboardData, exp: Experiment, variant: str) -> dict[int, float] | None:
+def _h_norms(data: DashboardFiles, exp: Experiment, variant: str) -> dict[int, float] | None:
     """``{layer: mean token norm}`` from ``variant``'s calibration (None: none)."""
-    path = data._inference(exp, variant, "massive_activations", "calibration.json",
-                           is_dir=False)
+    path = data.inference(exp, variant, "massive_activations", "calibration.json",
+                          is_dir=False)
     if path is None:
         return None
     try:
-        layers = data._load(path, _parse_json)["layers"]
+        layers = data.load(path, parse_json)["layers"]
         return {int(k): float(v["mean_norm"]) for k, v in layers.items()
                 if v.get("mean_norm") is not None}
-    except (_Invalid, KeyError, TypeError, ValueError, AttributeError):
+    except (Invalid, KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
@@ -158,7 +163,7 @@ def _setting_parts(setting: tuple, entries: list[dict], baseline: dict | None, t
     return lines, _grid(setting, steered, keys) if steered else None, runs
 
 
-def steering(data: DashboardData, p: _Params) -> dict[str, Any]:
+def steering(data: DashboardFiles, p: Params) -> dict[str, Any]:
     exp, trait, variant, rows = _rows(data, p)
     threshold = p.integer("min_coherence", DEFAULT_COHERENCE, 0, 100)
     summary = summarize(rows)
@@ -182,7 +187,7 @@ def steering(data: DashboardData, p: _Params) -> dict[str, Any]:
     facets["coefficients"] = sorted({e["coefficient"] for e in steered})
     hint = None if norms is not None else (
         "perturbation ratios need the calibration of this variant: run "
-        f"'{_cmd('calibrate', exp.name, model_variant=variant)}'")
+        f"'{cmd('calibrate', exp.name, model_variant=variant)}'")
     return {"trait": trait, "variant": variant, "min_coherence": threshold,
             "definition": _definition(data, trait), "facets": facets, "lines": lines,
             "grids": grids, "runs": runs, "ratio_hint": hint}
@@ -217,7 +222,7 @@ def _item(index: int, row: dict, baseline: dict | None) -> dict[str, Any]:
                 baseline["trait_score"])}
 
 
-def steering_responses(data: DashboardData, p: _Params) -> dict[str, Any]:
+def steering_responses(data: DashboardFiles, p: Params) -> dict[str, Any]:
     exp, trait, variant, rows = _rows(data, p)
     layer = p.params.get("layer") or "all"
     if layer != "all":
@@ -241,8 +246,8 @@ def steering_responses(data: DashboardData, p: _Params) -> dict[str, Any]:
             "direction": direction, "sort": sort, "items": items}
 
 
-def export_keys(data: DashboardData, name: str) -> Iterator[tuple[str, dict[str, str]]]:
-    exp = data._exp(name)
+def export_keys(data: DashboardFiles, name: str) -> Iterator[tuple[str, dict[str, str]]]:
+    exp = data.experiment(name)
     for trait, variant in steering_runs(data, exp):
         base = {"exp": name, "trait": trait, "variant": variant}
         for threshold in range(101):

@@ -1,7 +1,7 @@
 """``GET /api/data/{endpoint}``: the dashboard's read-only JSON API over the experiment folders.
 
-Each request is answered by :meth:`residlab.server.dashboard_data.DashboardData.answer` in a
-worker thread (file reads and on-demand lens/attention must not block the event loop). Errors
+Each request is answered by :meth:`residlab.server.dashboard.data.DashboardData.answer` in
+a worker thread (file reads and on-demand lens/attention must not block the event loop). Errors
 are ``{"error": "one line"}``: 404 unknown endpoint or missing data, 400 a bad parameter value
 (through the app's ``UsageError`` handler), 409 a lens or attention that only a loaded model
 could compute while none is loaded. ``GET /noising/{run}/viz.html`` serves a noising run's
@@ -16,8 +16,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from residlab.server.dashboard_data import ENDPOINTS, DashboardData, ModelUnavailable
-from residlab.server.dashboard_noising import viz_path
+from residlab.server.dashboard.data import ENDPOINTS, DashboardData
+from residlab.server.dashboard.files import ModelUnavailable
+from residlab.server.dashboard.noising import viz_path
 
 __all__ = ["dashboard_router"]
 
@@ -34,7 +35,7 @@ def dashboard_router(data: DashboardData) -> APIRouter:
 
     @router.get("/api/data/{endpoint}", summary="Dashboard data (see the endpoint list)")
     async def data_endpoint(endpoint: str, request: Request) -> Response:
-        """One of the endpoints of ``dashboard_data.ENDPOINTS``; parameters in the query
+        """One of the endpoints of ``dashboard.data.ENDPOINTS``; parameters in the query
         string."""
         if endpoint not in ENDPOINTS:
             return JSONResponse({"error": f"unknown data endpoint {endpoint!r}; use one of "

@@ -5,16 +5,13 @@ missing one."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from residlab.server import dashboard_noising
-from residlab.server.dashboard_analysis import diff_index
-from residlab.server.dashboard_data import _cmd, _Params
-from residlab.server.dashboard_extraction import extraction_entries, steering_rows
-from residlab.server.dashboard_steering import steering_runs
-
-if TYPE_CHECKING:
-    from residlab.server.dashboard_data import DashboardData
+from residlab.server.dashboard import noising
+from residlab.server.dashboard.analysis import diff_index
+from residlab.server.dashboard.extraction import extraction_entries, steering_rows
+from residlab.server.dashboard.files import DashboardFiles, Params, cmd
+from residlab.server.dashboard.steering import steering_runs
 
 __all__ = ["HANDLERS", "export_keys"]
 
@@ -23,36 +20,36 @@ def _names(trait: str) -> dict[str, str]:
     return {"trait": trait, "category": trait.split("/")[0], "name": trait.split("/")[1]}
 
 
-def overview(data: DashboardData, p: _Params) -> dict[str, Any]:
-    exp = data._exp(p.text("exp"))
+def overview(data: DashboardFiles, p: Params) -> dict[str, Any]:
+    exp = data.experiment(p.text("exp"))
     extraction = [{**_names(trait), "variant": variant,
-                   "vector_lens": data._child(folder, "logit_lens.json",
-                                              is_dir=False) is not None,
-                   "completions": data._child(folder, "completions.json",
-                                              is_dir=False) is not None}
+                   "vector_lens": data.child(folder, "logit_lens.json",
+                                             is_dir=False) is not None,
+                   "completions": data.child(folder, "completions.json",
+                                             is_dir=False) is not None}
                   for trait, variant, folder in extraction_entries(data, exp)]
     steering = [{**_names(trait), "variant": variant,
                  "n_rows": len(steering_rows(data, exp, trait, variant) or [])}
                 for trait, variant in steering_runs(data, exp)]
     variants = list(exp.config.model_variants)
-    calibration = [v for v in variants if data._inference(
+    calibration = [v for v in variants if data.inference(
         exp, v, "massive_activations", "calibration.json", is_dir=False) is not None]
     diffs = diff_index(data, exp)
-    runs = dashboard_noising.noising_runs(data, p)
+    runs = noising.noising_runs(data, p)
     app, extract = exp.variant(None)[0], exp.variant(None, "extraction")[0]
     hints = {}
     if not extraction:
-        hints["trait vectors"] = _cmd("extract", exp.name, traits="CATEGORY/NAME",
-                                      model_variant=extract)
+        hints["trait vectors"] = cmd("extract", exp.name, traits="CATEGORY/NAME",
+                                     model_variant=extract)
     if not steering:
-        hints["steering"] = _cmd("steer", exp.name, trait="CATEGORY/NAME", model_variant=app)
+        hints["steering"] = cmd("steer", exp.name, trait="CATEGORY/NAME", model_variant=app)
     for variant in variants:
         if variant not in calibration:
-            hints[f"calibration of {variant}"] = _cmd("calibrate", exp.name,
-                                                      model_variant=variant)
+            hints[f"calibration of {variant}"] = cmd("calibrate", exp.name,
+                                                     model_variant=variant)
     if len(variants) > 1 and not diffs:
-        hints["model diff"] = _cmd("diff run", exp.name, variant_a=variants[0],
-                                   variant_b=variants[1], prompt_set="PROMPT_SET")
+        hints["model diff"] = cmd("diff run", exp.name, variant_a=variants[0],
+                                  variant_b=variants[1], prompt_set="PROMPT_SET")
     if runs["hint"]:
         hints["noising"] = runs["hint"]
     return {"exp": exp.name, "extraction": extraction, "steering": steering,
@@ -61,7 +58,7 @@ def overview(data: DashboardData, p: _Params) -> dict[str, Any]:
             "hints": hints}
 
 
-def export_keys(data: DashboardData, name: str) -> Iterator[tuple[str, dict[str, str]]]:
+def export_keys(data: DashboardFiles, name: str) -> Iterator[tuple[str, dict[str, str]]]:
     yield "overview", {"exp": name}
 
 
