@@ -147,7 +147,8 @@ def _viz(root: Path) -> None:
     weights = np.tril(np.random.default_rng(0).random((2, 2, n, n))).astype(np.float32)
     weights /= weights.sum(-1, keepdims=True)
     save_file({"attention": weights.astype(np.float16)}, str(folder / "1_attention.safetensors"),
-              metadata={"layers": "[1, 2]", "tokens": json.dumps(record["tokens"])})
+              metadata={"layers": "[1, 2]", "tokens": json.dumps(record["tokens"]),
+                        "token_ids": json.dumps(record["token_ids"])})
 
 
 def build(root: Path) -> Path:
@@ -401,6 +402,17 @@ def test_attention_from_the_file(client, demo):
     error(client, "attention", 400, variant="tuned", id="1", token="9", **HOSTILE)
     error(client, "attention", 400, variant="tuned", id="1", token="1", layer="one", **HOSTILE)
     error(client, "attention", 404, variant="tuned", id="1", token="1", layer="5", **HOSTILE)
+
+
+def test_lens_and_attention_of_other_tokens_are_not_shown(client, demo):
+    """Responses made again since extract-viz ran: the files describe other tokens."""
+    path = demo / "inference/tuned/responses/hostile/1.json"
+    record = json.loads(path.read_text())
+    record["token_ids"] = [t + 1 for t in record["token_ids"]]
+    _write(path, record)
+    for endpoint in ("lens", "attention"):
+        message = error(client, endpoint, 404, variant="tuned", id="1", token="1", **HOSTILE)
+        assert "made from other tokens" in message and "residlab extract-viz" in message
 
 
 def test_lens_without_file_or_model(client, demo):

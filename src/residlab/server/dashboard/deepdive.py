@@ -120,6 +120,17 @@ def _computed_lens(data: DashboardFiles, where: Where, prompt_id: str) -> dict[s
     return _computed(state, "lens", key, compute)
 
 
+def _check_tokens(data: DashboardFiles, where: Where, prompt_id: str, path: Path,
+                  ids: Any, kind: str) -> None:
+    """A lens / attention file made from other token ids than the response shown now (the
+    responses were made again since) is not shown: NotFound naming the command."""
+    record = data.record(where, prompt_id, required=False)
+    if record is not None and ids is not None and list(ids) != record["token_ids"]:
+        raise NotFound(f"{path} was made from other tokens than the response of {prompt_id} "
+                       f"(the responses were made again); make it again with "
+                       f"'{_viz_command(where, kind)}'")
+
+
 def lens(data: DashboardFiles, p: Params) -> dict[str, Any]:
     """The logit lens at one token: top-k per layer and the actual next token's rank."""
     where = data.where(p)
@@ -132,6 +143,7 @@ def lens(data: DashboardFiles, p: Params) -> dict[str, Any]:
         except Invalid as error:
             raise UsageError(f"{path} is not a valid logit lens file ({error}); make it again "
                              f"with '{_viz_command(where, 'logit-lens')}'") from None
+        _check_tokens(data, where, prompt_id, path, doc.get("token_ids"), "logit-lens")
     else:
         doc, source = _computed_lens(data, where, prompt_id), "computed"
     predictions = doc["predictions"]
@@ -147,7 +159,8 @@ def lens(data: DashboardFiles, p: Params) -> dict[str, Any]:
 # --- attention -----------------------------------------------------------------------------------
 
 def file_rows(path: Path, where: Where, token: int) -> tuple[np.ndarray, list[int]]:
-    """``(rows (L, H, token+1) float32, layers)`` of query ``token`` from an attention file."""
+    """``(rows (L, H, token+1) float32, layers, token ids or None)`` of query ``token`` from an
+    attention file."""
     import json
 
     from safetensors import safe_open
@@ -162,13 +175,14 @@ def file_rows(path: Path, where: Where, token: int) -> tuple[np.ndarray, list[in
             if token >= shape[2]:
                 raise UsageError(f"token={token} is out of range: this prompt has tokens 0 to "
                                  f"{shape[2] - 1}")
+            ids = json.loads(handle.metadata().get("token_ids", "null"))
             rows = part[:, :, token:token + 1, :token + 1]  # (L, H, 1, token+1)
     except UsageError:
         raise
     except Exception as error:  # a corrupt or foreign file
         raise UsageError(f"{path} is not a valid attention file ({error}); make it again with "
                          f"'{_viz_command(where, 'attention')}'") from None
-    return np.asarray(rows, dtype=np.float32)[:, :, 0, :], [int(x) for x in layers]
+    return np.asarray(rows, dtype=np.float32)[:, :, 0, :], [int(x) for x in layers], ids
 
 
 def _computed_weights(data: DashboardFiles, where: Where, prompt_id: str) -> np.ndarray:
@@ -210,7 +224,8 @@ def attention(data: DashboardFiles, p: Params) -> dict[str, Any]:
     if path is not None:
         if not path.resolve().is_relative_to(data.top):
             raise NotFound(f"{path} is outside {data.root}")
-        rows, layers = file_rows(path, where, token)
+        rows, layers, ids = file_rows(path, where, token)
+        _check_tokens(data, where, prompt_id, path, ids, "attention")
         source = "file"
     else:
         weights = _computed_weights(data, where, prompt_id)

@@ -63,7 +63,7 @@ def _viz_keys(data: DashboardFiles, where: Where, base: dict[str, str],
             yield "lens", {**base, "id": prompt_id, "token": str(token)}
     for prompt_id in viz.get("attention", []):
         path = viz_file(data, where, f"{prompt_id}_attention.safetensors")
-        _, layers = file_rows(path, where, 0)
+        _, layers, _ = file_rows(path, where, 0)
         n_tokens = _attention_tokens(path)
         for token in range(n_tokens):
             params = {**base, "id": prompt_id, "token": str(token)}
