@@ -19,7 +19,7 @@ from pydantic import Field
 
 from residlab.options import CommandOptions, DType, option
 
-__all__ = ["ServeOptions", "build_state", "run_serve"]
+__all__ = ["ServeOptions", "app_for", "build_state", "replica_app", "run_serve"]
 
 
 class ServeOptions(CommandOptions):
@@ -45,6 +45,12 @@ class ServeOptions(CommandOptions):
                                          "(default: RESIDLAB_EXPERIMENTS_DIR or ./experiments)")
     noising_dir: str = option("noising/outputs", "the noising runner's output_dir whose runs the "
                               "dashboard's Noising view lists")
+    ray: bool = option(False, "deploy on Ray Serve: one replica per GPU of the cluster (pip "
+                       "install 'residlab[ray]')")
+    replicas: int | None = Field(None, ge=1, description="with --ray: replicas (default: one "
+                                 "per GPU, else 1)")
+    ray_address: str | None = option(None, "with --ray: the cluster to join (default: "
+                                     "RAY_ADDRESS, else a local Ray)")
 
 
 def build_state(options: ServeOptions, token: str | None):
@@ -77,25 +83,47 @@ def build_state(options: ServeOptions, token: str | None):
     return state
 
 
+def app_for(options: ServeOptions, state, *, replicated: bool = False):
+    """The app these options describe, around ``state`` (one process, or one Ray Serve
+    replica of several: ``replicated``)."""
+    from residlab.server.app import create_app
+    from residlab.server.security import allowed_hosts_for
+
+    return create_app(state, max_body_bytes=options.max_body_bytes,
+                      allowed_hosts=allowed_hosts_for(options.host),
+                      allow_model_load=options.allow_model_load,
+                      experiments_root=options.experiments_dir,
+                      noising_dir=options.noising_dir, replicated=replicated)
+
+
+def replica_app(options: dict, token: str | None, replicated: bool):
+    """One Ray Serve replica's app: the state these options name, loaded on the replica."""
+    settings = ServeOptions(**options)
+    return app_for(settings, build_state(settings, token), replicated=replicated)
+
+
 def run_serve(options: ServeOptions) -> None:
     from residlab.errors import UsageError
 
     try:
         import uvicorn
 
-        from residlab.server.app import create_app
+        import residlab.server.app  # noqa: F401 (the server's extra is installed)
     except ModuleNotFoundError as error:
         raise UsageError(f"the server needs {error.name}: pip install 'residlab[server]'") from None
-    from residlab.server.security import allowed_hosts_for, check_bind, resolve_token
+    from residlab.server.security import check_bind, resolve_token
 
+    if not options.ray and (options.replicas is not None or options.ray_address is not None):
+        raise UsageError("--replicas and --ray-address deploy on Ray Serve: add --ray")
     token = resolve_token(options.token)
     check_bind(options.host, token)  # before any model loads
+    if options.ray:
+        from residlab.server.ray_serve import run_ray_serve
+
+        run_ray_serve(options, token, replica_app)
+        return
     state = build_state(options, token)
-    app = create_app(state, max_body_bytes=options.max_body_bytes,
-                     allowed_hosts=allowed_hosts_for(options.host),
-                     allow_model_load=options.allow_model_load,
-                     experiments_root=options.experiments_dir,
-                     noising_dir=options.noising_dir)
+    app = app_for(options, state)
     shown = f"[{options.host}]" if ":" in options.host else options.host
     url = f"http://{shown}:{options.port}"
     hint = " (open /?token=... once in a browser)" if token else ""

@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -160,12 +160,32 @@ def _dashboard_data(state: ServerState, root: str | Path | None,
     return DashboardData(Path(root), experiments, state, noising_dir=noising_dir)
 
 
+def _replica_router() -> APIRouter:
+    """409 for what needs one process: its state would live in the replica that answered."""
+    router = APIRouter()
+    message = ("{what} needs a single server process, and this one is one of several Ray "
+               "Serve replicas (the next request may reach another); run it on a plain "
+               "'residlab serve'")
+
+    def refuse(what: str):
+        async def answer() -> JSONResponse:
+            return JSONResponse({"error": message.format(what=what)}, status_code=409)
+        return answer
+
+    for method, path, what in (("POST", "/capture", "a background task"),
+                               ("POST", "/extract-viz", "a background task"),
+                               ("GET", "/tasks/{task_id}", "a background task"),
+                               ("POST", "/model/load", "loading another model")):
+        router.add_api_route(path, refuse(what), methods=[method], include_in_schema=False)
+    return router
+
+
 def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                static_dir: str | Path | None = None,
                allowed_hosts: frozenset[str] | set[str] | None = LOOPBACK_NAMES,
                allow_model_load: bool = False, experiments_root: str | Path | None = None,
                experiments: Sequence[str] | None = None,
-               noising_dir: str | Path | None = None) -> FastAPI:
+               noising_dir: str | Path | None = None, replicated: bool = False) -> FastAPI:
     """The server's app. ``allowed_hosts=None`` turns the Host check off (a non-loopback bind,
     where the token guards instead); ``static_dir`` defaults to the package's page;
     ``allow_model_load`` lets ``POST /model/load`` load any hub id or server path (otherwise
@@ -173,10 +193,14 @@ def create_app(state: ServerState, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYT
     ``experiments_root`` (default: the served experiment's folder, else
     ``RESIDLAB_EXPERIMENTS_DIR`` or ``./experiments``):
     ``experiments``, else only the served experiment, else all of them; the Noising view lists
-    the runs under ``noising_dir`` (the noising runner's ``output_dir``; None: none)."""
+    the runs under ``noising_dir`` (the noising runner's ``output_dir``; None: none).
+    ``replicated``: one replica of several (Ray Serve), where background tasks and model
+    loading answer 409 (a task's status, or a loaded model, would live in one replica only)."""
     app = FastAPI(title="residlab", summary="Model server and Live Chat for residlab",
                   version="1", docs_url=None, redoc_url=None)
     app.state.residlab = state
+    if replicated:
+        app.include_router(_replica_router())  # first: its routes win
     app.include_router(model_router(state, allow_model_load=allow_model_load))
     app.include_router(tasks_router(state))
     app.include_router(chat_router(state))
