@@ -323,3 +323,34 @@ def test_projecting_many_traits_equals_one_at_a_time():
             assert many[i][key].flags["C_CONTIGUOUS"]
         np.testing.assert_allclose(many[i]["clean"]["projections"], one["clean"]["projections"],
                                    atol=1e-6)
+
+
+def test_calibration_records_the_contributions_norms(experiment):
+    """attn_mean_norm / mlp_mean_norm: the mean token norm of each block's attention and MLP
+    outputs over the response tokens, against hooks put on those modules by hand."""
+    from residlab.experiments import load_variant
+    from residlab.inference.calibrate import run_calibration
+
+    path = run_calibration(experiment, max_new_tokens=4, batch_size=2)
+    layers = json.loads(path.read_text())["layers"]
+    loaded = load_variant(experiment, "base")
+    blocks = loaded.model.model.layers
+    sums = {(kind, i): [0.0, 0] for kind in ("attn", "mlp") for i in range(len(blocks))}
+    for response in sorted(experiment.responses_dir("base", "calibration").glob("*.json")):
+        record = json.loads(response.read_text())
+        seen: dict = {}
+        handles = [module.register_forward_hook(
+            lambda m, args, out, key=(kind, i), seen=seen: seen.__setitem__(
+                key, out[0] if isinstance(out, tuple) else out))
+            for i, block in enumerate(blocks)
+            for kind, module in (("attn", block.self_attn), ("mlp", block.mlp))]
+        with torch.no_grad():
+            loaded.model(torch.tensor([record["token_ids"]]))
+        for handle in handles:
+            handle.remove()
+        for key, value in seen.items():
+            norms = value[0, record["prompt_end"]:].double().norm(dim=-1)  # (n_response,)
+            sums[key][0] += float(norms.sum())
+            sums[key][1] += norms.numel()
+    for (kind, i), (total, count) in sums.items():
+        assert layers[str(i)][f"{kind}_mean_norm"] == pytest.approx(total / count, rel=1e-4)

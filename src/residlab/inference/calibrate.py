@@ -1,5 +1,6 @@
 """Massive-dims calibration: per layer, the mean response activation, the dimensions with the
-largest |mean| and how far they stand out, and the typical token norm.
+largest |mean| and how far they stand out, and the typical token norm (of the residual, and
+of the attention and MLP contributions: ``attn_mean_norm``, ``mlp_mean_norm``).
 
 A few residual dimensions carry huge, nearly constant values; projections are dominated by
 them unless you know where they are. ``residlab calibrate`` generates responses to a
@@ -23,6 +24,9 @@ from residlab.progress import progress
 from residlab.store import write_json
 
 __all__ = ["MassiveDims", "MassiveDimsFitter", "calibration_path", "run_calibration"]
+
+
+CONTRIBUTIONS = {"attn_contribution": "attn_mean_norm", "mlp_contribution": "mlp_mean_norm"}
 
 
 def calibration_path(experiment: Experiment, variant: str) -> Path:
@@ -88,25 +92,35 @@ def run_calibration(
     arch = resolve_arch(loaded.model)
     layers = list(range(arch.n_layers))
     fitter = MassiveDimsFitter()
+    # the attention and MLP contributions' norms too, where the family's table names them
+    parts = ["residual"] + (list(CONTRIBUTIONS) if arch.attn_name and arch.mlp_name else [])
+    norms = {(part, layer): [0.0, 0] for part in parts[1:] for layer in layers}
     bar = progress(total=len(records), desc="calibration", unit="responses")
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
-        captured = capture_records(loaded.model, arch, batch, layers, ["residual"],
+        captured = capture_records(loaded.model, arch, batch, layers, parts,
                                    pad_id=loaded.tokenizer.pad_token_id or 0,
                                    response_only=True, dtype=torch.float32)
         for tensors in captured:
             for layer in layers:
                 fitter.update(layer, tensors[f"response.layer{layer}.residual"])
+                for part in parts[1:]:
+                    values = tensors[f"response.layer{layer}.{part}"]  # (n, d)
+                    norms[part, layer][0] += float(values.double().norm(dim=-1).sum())
+                    norms[part, layer][1] += values.shape[0]
         bar.update(len(batch))
     bar.close()
     result = fitter.result(top_k)
+    extra = {layer: {CONTRIBUTIONS[part]: total / count if count else None
+                     for part in parts[1:] for total, count in [norms[part, layer]]}
+             for layer in layers}
     path = calibration_path(experiment, variant_name)
     write_json(path, {
         "variant": variant_name, "prompt_set": prompt_set, "top_k": top_k,
         "model": loaded.provenance.get("model"),
         "layers": {str(layer): {"dims": r.dims, "values": r.values, "ratio": r.ratio,
-                                "mean_norm": r.mean_norm, "n_tokens": r.count,
-                                "mean": [float(x) for x in r.mean]}
+                                "mean_norm": r.mean_norm, **extra[layer],
+                                "n_tokens": r.count, "mean": [float(x) for x in r.mean]}
                    for layer, r in result.items()},
     })
     return path
