@@ -153,3 +153,27 @@ def test_analysis_diff_spans_and_noising_render(page, server, dashboard_root):
     href = page.get_attribute("#nz-viz", "href")
     assert href and href.endswith("viz.html")
     page.screenshot(path=str(SCREENSHOT_DIR / "dashboard_noising.png"), full_page=True)
+
+
+def test_the_export_shows_the_part2_views(page, server, dashboard_root, tmp_path):
+    """The static export (from file://) draws the Steering, Extraction and Noising views with
+    the numbers the served page draws, and ships the noising run's viewer."""
+    from residlab.server.dashboard.export import export_dashboard
+
+    out = tmp_path / "share"
+    export_dashboard(dashboard_root / "experiments", "demo", out,
+                     noising_dir=dashboard_root / "noising" / "outputs")
+    for view, query, keys in (("steering", "exp=demo", ("lines", "runs")),
+                              ("extraction", f"exp=demo&trait={TRAIT}", ("grids", "best")),
+                              ("noising", "exp=demo", ("quantiles", "drops"))):
+        served = _open(page, server, view, query)
+        page.goto((out / "index.html").as_uri() + f"?tab={view}&{query}")
+        page.wait_for_selector(f'main#view[data-view-ready="{view}"]', timeout=30000)
+        exported = page.evaluate(f"() => window.__residlab_debug.{view}")
+        for key in keys:
+            assert exported[key] == served[key], (view, key)
+    href = page.get_attribute("#nz-viz", "href")
+    run = next((dashboard_root / "noising" / "outputs").iterdir())
+    assert (out / "noising" / run.name / "viz.html").read_bytes() == (
+        run / "viz.html").read_bytes() and href.endswith(f"noising/{run.name}/viz.html")
+    page.screenshot(path=str(SCREENSHOT_DIR / "dashboard_export_noising.png"), full_page=True)
