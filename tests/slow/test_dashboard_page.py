@@ -72,6 +72,15 @@ def _whole(record: dict, key: str) -> np.ndarray:
     return np.array(record[key]["prompt"] + record[key]["response"], dtype=np.float64)
 
 
+def _default_folder(server: str, variant: str) -> str:
+    """The projection folder the page draws by default: the trait's default layer's."""
+    import httpx
+
+    index = httpx.get(f"{server}/api/data/experiment", params={"exp": "demo"}).json()
+    layer = index["projections"][variant]["hostile"][TRAIT]["default_layer"]
+    return f"hostile_L{layer}"
+
+
 def _wait_token(page, token: int) -> None:
     page.wait_for_function(f"() => window.__residlab_debug.inference.token === {token}")
 
@@ -79,7 +88,7 @@ def _wait_token(page, token: int) -> None:
 def test_inference_view_draws_the_files_numbers(page, server, dashboard_root):
     debug = _open(page, server, "inference", exp="demo", variant="base", set="hostile", id="p1",
                   traits=TRAIT, token="0")
-    record = _projection(dashboard_root, "base", "hostile_L18", "p1")
+    record = _projection(dashboard_root, "base", _default_folder(server, "base"), "p1")
     assert debug["mode"] == "cosine" and debug["diff"] is None
     (name,) = [key for key in debug["series"] if TRAIT in key]
     np.testing.assert_allclose(debug["series"][name], _whole(record, "cosine"), atol=1e-5)
@@ -109,8 +118,9 @@ def test_inference_view_draws_the_files_numbers(page, server, dashboard_root):
 def test_diff_mode_and_top_spans(page, server, dashboard_root):
     debug = _open(page, server, "inference", exp="demo", variant="tuned", set="hostile", id="p2",
                   traits=TRAIT, token="0", diff="base", mode="raw")
-    a = _whole(_projection(dashboard_root, "base", "hostile_L18", "p2"), "projections")
-    b = _whole(_projection(dashboard_root, "tuned", "hostile_L18", "p2"), "projections")
+    folder = _default_folder(server, "tuned")
+    a = _whole(_projection(dashboard_root, "base", folder, "p2"), "projections")
+    b = _whole(_projection(dashboard_root, "tuned", folder, "p2"), "projections")
     n = min(a.size, b.size)
     (name,) = [key for key in debug["series"] if TRAIT in key]
     assert debug["diff"] == "base"
