@@ -67,7 +67,7 @@ class PromptSetOptions(ExperimentOptions):
     load_in_4bit: bool = option(False, "bitsandbytes 4-bit (CUDA only)")
 
 
-class ResponsesOptions(PromptSetOptions):
+class ResponsesOptions(PromptSetOptions, ExecutorOptions):
     max_new_tokens: int = Field(50, ge=1, description="tokens to generate (Mode A)")
     temperature: float = Field(0.0, ge=0, description="0 = greedy (Mode A)")
     generation_defaults: Literal["plain", "model"] = option(
@@ -116,7 +116,7 @@ class CalibrateOptions(ExperimentOptions):
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
 
 
-class ExtractVizOptions(ExperimentOptions):
+class ExtractVizOptions(ExperimentOptions, ExecutorOptions):
     prompt_set: str | None = option(None, "the prompt set (for --attention / --logit-lens)")
     attention: bool = option(False, "per-head attention patterns (eager pass)")
     logit_lens: bool = option(False, "top-k next-token predictions after each layer")
@@ -135,6 +135,7 @@ class ExtractVizOptions(ExperimentOptions):
 
 
 def run_extract_viz(options: ExtractVizOptions) -> None:
+    from residlab.executors import make_executor
     from residlab.experiments import load_experiment, load_variant
     from residlab.inference.extract_viz import extract_viz
     from residlab.inference.vector_lens import vector_logit_lens
@@ -149,12 +150,14 @@ def run_extract_viz(options: ExtractVizOptions) -> None:
         raise UsageError("--prompt-set is read only with --attention or --logit-lens")
     experiment = load_experiment(options.experiment)
     if per_token:
-        loaded = load_variant(experiment, options.model_variant)
-        result = extract_viz(
-            experiment, options.prompt_set, variant=options.model_variant,
-            attention=options.attention, logit_lens=options.logit_lens, layers=options.layers,
-            top_k=options.top_k, limit=options.limit, skip_existing=options.skip_existing,
-            json_attention=options.format == "json", loaded=loaded)
+        with make_executor(options.executor_settings()) as executor:
+            loaded = load_variant(experiment, options.model_variant)
+            result = extract_viz(
+                experiment, options.prompt_set, variant=options.model_variant,
+                attention=options.attention, logit_lens=options.logit_lens,
+                layers=options.layers, top_k=options.top_k, limit=options.limit,
+                skip_existing=options.skip_existing, json_attention=options.format == "json",
+                loaded=loaded, executor=executor)
         record_command(result.out_dir, "extract-viz", options, loaded)
         print(f"extract-viz: {len(result.written)} written, {result.skipped} already complete, "
               f"in {result.out_dir}")
@@ -187,8 +190,10 @@ def parse_steer_specs(specs: list[str] | None) -> list[tuple[str, int, float]]:
 
 def _server_for(options: ResponsesOptions, experiment, *, steered: bool):
     """Mode A's model server (:func:`residlab.client.find_server`), unless ``--no-server`` or
-    what the server cannot do: steering (it takes token ids, not vectors), 8/4-bit loading."""
-    if options.no_server or steered or options.load_in_8bit or options.load_in_4bit:
+    what the server cannot do: steering (it takes token ids, not vectors), 8/4-bit loading;
+    and not with ``--executor ray`` (the workers generate)."""
+    if (options.no_server or steered or options.load_in_8bit or options.load_in_4bit
+            or options.executor != "local"):
         return None
     try:
         from residlab.client import find_server
@@ -199,14 +204,31 @@ def _server_for(options: ResponsesOptions, experiment, *, steered: bool):
 
 
 def run_responses(options: ResponsesOptions) -> None:
-    from residlab.experiments import load_experiment, load_variant
-    from residlab.inference.responses import generate_responses
+    from residlab.executors import make_executor
+    from residlab.experiments import load_experiment
 
     specs = parse_steer_specs(options.steer)
     if specs and options.from_responses:
         raise UsageError("--steer changes generation, but --from-responses imports texts that "
                          "were not generated here; drop one of them")
+    if options.from_responses and options.executor != "local":
+        raise UsageError("--from-responses only tokenizes texts (no model runs): drop "
+                         "--executor ray")
     experiment = load_experiment(options.experiment)
+    with make_executor(options.executor_settings()) as executor:
+        written, made_by = _responses(options, experiment, specs, executor)
+    if written:
+        record_command(written[0].parent, "responses", options, made_by)
+    folder = written[0].parent if written else "(nothing new to write)"
+    print(f"responses: {len(written)} written to {folder}")
+
+
+def _responses(options: ResponsesOptions, experiment, specs, executor):
+    """``(files written, what generated them)``: a model server, this process's model (whose
+    batches ``executor`` may hand to Ray workers), or nothing (Mode B)."""
+    from residlab.experiments import load_variant
+    from residlab.inference.responses import generate_responses
+
     loaded = remote = None
     if not options.from_responses:
         remote = _server_for(options, experiment, steered=bool(specs))
@@ -225,11 +247,9 @@ def run_responses(options: ResponsesOptions) -> None:
         from_responses=options.from_responses, skip_existing=options.skip_existing,
         limit=options.limit, output_suffix=options.output_suffix,
         batch_size=options.batch_size, generation_defaults=options.generation_defaults,
-        loaded=loaded, remote=remote)
-    if written:
-        record_command(written[0].parent, "responses", options, loaded or remote)
-    folder = written[0].parent if written else "(nothing new to write)"
-    print(f"responses: {len(written)} written to {folder}")
+        loaded=loaded, remote=remote, executor=executor, load_in_8bit=options.load_in_8bit,
+        load_in_4bit=options.load_in_4bit)
+    return written, loaded or remote
 
 
 def run_capture(options: CaptureOptions) -> None:

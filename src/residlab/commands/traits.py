@@ -8,6 +8,7 @@ from pydantic import Field
 
 from residlab.commands.inference import Component, record_command
 from residlab.errors import UsageError
+from residlab.executors import ExecutorOptions
 from residlab.options import CommandOptions, option
 
 __all__ = ["ExtractOptions", "SteerOptions", "run_extract", "run_steer"]
@@ -29,7 +30,7 @@ class ExtractOptions(CommandOptions):
     batch_size: int = Field(16, ge=1, description="lines per forward pass")
 
 
-class SteerOptions(CommandOptions):
+class SteerOptions(ExecutorOptions):
     experiment: str = option(..., "experiments/{name}/config.yaml")
     trait: str = option(..., "e.g. emotion/optimism")
     layers: list[int] = option([], "e.g. 8,12,16 (negative counts from the end)")
@@ -89,6 +90,7 @@ def make_judge(options: SteerOptions):
 
 
 def run_steer(options: SteerOptions) -> None:
+    from residlab.executors import make_executor
     from residlab.experiments import load_experiment, load_variant
     from residlab.traits.steer import format_summary, load_results, run_steering, summarize
 
@@ -96,14 +98,17 @@ def run_steer(options: SteerOptions) -> None:
         raise UsageError("give --layers (e.g. 8,12) and --coefficients (e.g. 4,8,16)")
     experiment = load_experiment(options.experiment)
     judge = make_judge(options)
-    loaded = None if options.rescore else load_variant(experiment, options.model_variant)
-    path = run_steering(
-        experiment, options.trait, layers=options.layers, coefficients=options.coefficients,
-        judge=judge, variant=options.model_variant,
-        vector_variant=options.extraction_variant, method=options.method,
-        position=options.position, component=options.component,
-        max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
-        positions=options.positions, rescore=options.rescore, loaded=loaded)
+    settings = None if options.rescore else options.executor_settings()  # judging only
+    with make_executor(settings) as executor:
+        loaded = None if options.rescore else load_variant(experiment, options.model_variant)
+        path = run_steering(
+            experiment, options.trait, layers=options.layers,
+            coefficients=options.coefficients, judge=judge, variant=options.model_variant,
+            vector_variant=options.extraction_variant, method=options.method,
+            position=options.position, component=options.component,
+            max_new_tokens=options.max_new_tokens, batch_size=options.batch_size,
+            positions=options.positions, rescore=options.rescore, loaded=loaded,
+            executor=executor)
     generation = greedy_settings(loaded, options.max_new_tokens) if loaded else None
     record_command(path.parent, "steer", options, loaded, judge=judge.name,
                    generation=generation)

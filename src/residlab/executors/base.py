@@ -81,6 +81,11 @@ class ShardJob:
         """Load this job's model in a worker (a ``LoadedModel``)."""
         raise NotImplementedError
 
+    def model_key(self) -> Any:
+        """What :meth:`load` loads, as a value to compare: a worker whose previous job had an
+        equal key (not ``None``) hands that model to this job instead of loading it again."""
+        return None
+
     def setup(self) -> None:
         if self.loaded is None:
             self.loaded = self.load()

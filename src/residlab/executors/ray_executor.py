@@ -1,8 +1,10 @@
 """Shards on Ray actors: each worker loads the model once; the driver schedules and writes.
 
 The driver keeps a queue of shards and gives one to each idle worker. A finished shard comes
-back through the object store and the driver hands it to ``on_done`` (which writes it
-atomically, exactly as a local run does). A worker that dies (killed, out of host memory, its
+back through the object store; the driver gives that worker its next shard, then hands the
+result to ``on_done`` (which writes it atomically, exactly as a local run does), so writing
+is off the workers' critical path. A worker keeps its model for the next job when that job
+loads the same one (:meth:`ShardJob.model_key`). A worker that dies (killed, out of host memory, its
 node lost) is replaced and its shard goes back to the front of the queue; a shard lost with
 its worker more than ``max_retries`` times stops the job. An exception raised by the shard's
 own code is not retried (it would fail again): it is raised in the driver as it was raised.
@@ -77,10 +79,14 @@ class _Worker:
         if ref.hex() != self.job_id:
             import ray
 
-            self.job, self.job_id = None, None
-            loaded = ray.get(ref)
-            loaded.setup()
-            self.job, self.job_id = loaded, ref.hex()
+            previous, self.job, self.job_id = self.job, None, None
+            fresh = ray.get(ref)
+            key = fresh.model_key()
+            if previous is not None and key is not None and key == previous.model_key():
+                fresh.loaded = previous.loaded  # the same model: not loaded again
+            del previous  # otherwise its model is freed before the next one loads
+            fresh.setup()
+            self.job, self.job_id = fresh, ref.hex()
         return self.job.pack(self.job.compute(payload))
 
 
@@ -179,9 +185,7 @@ class RayExecutor:
         lost: Counter[int] = Counter()
         while pending or in_flight:
             while pending and idle:
-                index, shard = idle.popleft(), pending.popleft()
-                in_flight[self._actors[index].compute.remote(job, shard.payload)] = (index, shard)
-                self._event("dispatch", shard, index)
+                self._dispatch(job, idle.popleft(), pending.popleft(), in_flight)
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             index, shard = in_flight.pop(ref)
             try:
@@ -194,11 +198,18 @@ class RayExecutor:
                 continue
             except ray.exceptions.RayTaskError as error:
                 raise error.as_instanceof_cause() from None
+            idle.append(index)
+            while pending and idle:  # the worker starts its next shard before this one is written
+                self._dispatch(job, idle.popleft(), pending.popleft(), in_flight)
             on_done(shard, result)
             if bar is not None:
                 bar.update(shard.size)
-            idle.append(index)
             self._event("done", shard, index)
+
+    def _dispatch(self, job: list[Any], index: int, shard: Shard,
+                  in_flight: dict[Any, tuple[int, Shard]]) -> None:
+        in_flight[self._actors[index].compute.remote(job, shard.payload)] = (index, shard)
+        self._event("dispatch", shard, index)
 
     def _lost(self, shard: Shard, lost: Counter[int], error: Exception) -> None:
         self.deaths += 1

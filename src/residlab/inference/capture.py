@@ -417,6 +417,9 @@ class CaptureJob(ShardJob):
                                                                     quantized)
         self.loaded = self.arch = None
 
+    def model_key(self) -> tuple:
+        return (str(self.experiment.path), self.experiment.variant(self.variant), *self.quantized)
+
     def load(self):
         eight, four = self.quantized
         return load_variant(self.experiment, self.variant, load_in_8bit=eight,

@@ -31,10 +31,12 @@ import torch
 
 from residlab.arch import Arch, resolve_arch
 from residlab.errors import NotFound, UsageError
+from residlab.executors import Executor, Shard
+from residlab.executors.local import LocalExecutor
 from residlab.experiments import Experiment, load_variant
-from residlab.inference.attention import eager_attention, patterns_of_prompt
 from residlab.inference.capture import parse_layers
-from residlab.inference.lens import Lens, LensReadout, lens_batch
+from residlab.inference.jobs import AttentionJob, LensJob, VariantSource
+from residlab.inference.lens import Lens, LensReadout
 from residlab.inference.raw import token_hash
 from residlab.inference.responses import read_response
 from residlab.progress import progress
@@ -219,45 +221,58 @@ def _todo(records: list[dict], plan: _Plan, kind: str, skip_existing: bool) -> l
     return todo
 
 
-def _run_lens(loaded, plan: _Plan, todo: list[dict], bar) -> list[Path]:
-    lens = Lens(loaded.model, plan.arch)
-    written = []
-    for batch in _lens_batches(todo):
-        readouts = lens_batch(loaded.model, lens, [r["token_ids"] for r in batch], plan.layers,
-                              top_k=plan.top_k, pad_id=plan.pad)
-        for record, readout in zip(batch, readouts, strict=True):
+def _run_lens(executor: Executor, job: LensJob, plan: _Plan, todo: list[dict],
+              bar) -> list[Path]:
+    """One shard per lens batch; this process writes each prompt's JSON."""
+    batches = _lens_batches(todo)
+    shards = [Shard(key, [r["token_ids"] for r in batch], len(batch))
+              for key, batch in enumerate(batches)]
+    written: dict[int, list[Path]] = {}
+
+    def write(shard: Shard, readouts: list[LensReadout]) -> None:
+        written[shard.key] = []
+        for record, readout in zip(batches[shard.key], readouts, strict=True):
             path = plan.out_dir / f"{record['id']}_logit_lens.json"
             write_json(path, lens_document(
                 record, readout, plan.text, prompt_set=plan.prompt_set,
                 n_layers=plan.arch.n_layers, top_k=plan.top_k,
                 settings=plan.settings(record, "logit_lens")), compact=True)
-            written.append(path)
-        bar.update(len(batch))
-    return written
+            written[shard.key].append(path)
+
+    executor.run(job, shards, write, bar=bar)
+    return [path for key in sorted(written) for path in written[key]]
 
 
-def _run_attention(loaded, plan: _Plan, todo: list[dict], bar) -> list[Path]:
-    written = []
-    with eager_attention(loaded.model):
-        for record in todo:
-            weights = patterns_of_prompt(loaded.model, plan.arch, record["token_ids"],
-                                         plan.layers)  # (L, H, T, T)
-            path = plan.out_dir / f"{record['id']}_attention.safetensors"
-            if plan.json_attention:
-                write_json(plan.out_dir / f"{record['id']}_attention.json", attention_document(
-                    record, weights, plan.text, plan.layers, plan.prompt_set), compact=True)
-            save_attention(path, weights, record, plan.text, plan.layers,
-                           plan.settings(record, "attention"))
-            written.append(path)
-            bar.update(1)
-    return written
+def _run_attention(executor: Executor, job: AttentionJob, plan: _Plan, todo: list[dict],
+                   bar) -> list[Path]:
+    """One shard per prompt; this process writes its safetensors (and JSON)."""
+    shards = [Shard(key, record["token_ids"]) for key, record in enumerate(todo)]
+    written: dict[int, Path] = {}
+
+    def write(shard: Shard, weights: torch.Tensor) -> None:  # (L, H, T, T)
+        record = todo[shard.key]
+        path = plan.out_dir / f"{record['id']}_attention.safetensors"
+        if plan.json_attention:
+            write_json(plan.out_dir / f"{record['id']}_attention.json", attention_document(
+                record, weights, plan.text, plan.layers, plan.prompt_set), compact=True)
+        save_attention(path, weights, record, plan.text, plan.layers,
+                       plan.settings(record, "attention"))
+        written[shard.key] = path
+
+    executor.run(job, shards, write, bar=bar)
+    return [written[key] for key in sorted(written)]
 
 
 def extract_viz(experiment: Experiment, prompt_set: str, *, variant: str | None = None,
                 attention: bool = False, logit_lens: bool = False, layers: str | None = None,
                 top_k: int = 50, limit: int | None = None, skip_existing: bool = False,
-                json_attention: bool = False, loaded=None) -> VizResult:
-    """Write the logit lens and/or attention files of every response JSON of a prompt set."""
+                json_attention: bool = False, loaded=None,
+                executor: Executor | None = None) -> VizResult:
+    """Write the logit lens and/or attention files of every response JSON of a prompt set.
+
+    ``executor`` computes the lens batches and the per-prompt patterns (default: this
+    process); a remote one (Ray) loads the variant on each worker, and this process writes
+    every file, so ``skip_existing`` resumes a run made on any executor."""
     if not (attention or logit_lens):
         raise UsageError("nothing to extract: give --attention, --logit-lens or both")
     if top_k < 1:
@@ -276,18 +291,20 @@ def extract_viz(experiment: Experiment, prompt_set: str, *, variant: str | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = _Plan(prompt_set, chosen, top_k, out_dir, arch, TokenText(loaded.tokenizer),
                  loaded.tokenizer.pad_token_id or 0, json_attention)
+    source = VariantSource(experiment, variant_name)
+    jobs = {"logit_lens": (logit_lens, _run_lens, LensJob(source, chosen, top_k=top_k,
+                                                          pad=plan.pad, loaded=loaded)),
+            "attention": (attention, _run_attention, AttentionJob(source, chosen, loaded=loaded))}
     written: list[Path] = []
     kept = 0
-    for kind, wanted, run in (("logit_lens", logit_lens, _run_lens),
-                              ("attention", attention, _run_attention)):
+    for kind, (wanted, run, job) in jobs.items():
         if not wanted:
             continue
         todo = _todo(records, plan, kind, skip_existing)
         kept += len(records) - len(todo)
-        bar = progress(total=len(records), desc=kind.replace("_", " "), unit="prompts",
-                       initial=len(records) - len(todo))
-        written += run(loaded, plan, todo, bar)
-        bar.close()
+        with progress(total=len(records), desc=kind.replace("_", " "), unit="prompts",
+                      initial=len(records) - len(todo)) as bar:
+            written += run(executor or LocalExecutor(), job, plan, todo, bar)
     return VizResult(out_dir, written, kept)
 
 

@@ -39,9 +39,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from residlab.errors import UsageError
+from residlab.executors import Executor, Shard
+from residlab.executors.local import LocalExecutor
 from residlab.experiments import Experiment, load_variant
-from residlab.generation import GenerationDefaults, effective_generation_settings, generate_ids
+from residlab.generation import GenerationDefaults
 from residlab.hooks import Intervention
+from residlab.inference.jobs import LocalModel, ResponsesJob, VariantSource
 from residlab.inference.prompt_sets import PromptItem, load_prompt_set
 from residlab.outputs import UNRECORDED, Existing, differing_setting, keep_or_refuse, tensor_sha256
 from residlab.progress import progress
@@ -264,7 +267,8 @@ def generate_responses(
     limit: int | None = None, output_suffix: str | None = None, batch_size: int = 8,
     interventions: Sequence[Intervention] = (), tags: Sequence[str] = (), loaded=None,
     steering: Sequence[Steering] = (), generation_defaults: GenerationDefaults = "plain",
-    remote=None,
+    remote=None, executor: Executor | None = None, load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
 ) -> list[Path]:
     """Write one Response JSON per prompt; returns the files written.
 
@@ -273,7 +277,15 @@ def generate_responses(
     under ``steering``, and names the folder unless ``output_suffix`` is given.
     ``generation_defaults`` is passed to :func:`residlab.generation.generate_ids`.
     ``remote`` (a :class:`residlab.client.RemoteModel`) generates through a model server
-    instead of ``loaded``: the same batches and ``generate_ids`` settings, so the same files."""
+    instead of ``loaded``: the same batches and ``generate_ids`` settings, so the same files.
+    ``executor`` generates the batches (default: this process); a remote one (Ray) loads the
+    variant on each worker (``load_in_8bit`` / ``load_in_4bit`` as given here) while this
+    process writes every file, so ``skip_existing`` resumes a run made on any executor."""
+    if remote is not None and executor is not None and executor.remote:
+        raise UsageError("a model server and a Ray executor both generate: use one of them")
+    if from_responses and executor is not None and executor.remote:
+        raise UsageError("--from-responses only tokenizes texts (no model runs): drop "
+                         "--executor ray")
     interventions = [*interventions, *(s.intervention for s in steering)]
     tags = [*tags, *(s.tag for s in steering)]
     if from_responses and interventions:
@@ -294,29 +306,16 @@ def generate_responses(
         common |= {"source": "imported", "imported_from": str(from_responses),
                    "imported_sha256": sha}
         return _import(spec, items, imported, prefill, common, job)
-    model = remote if remote is not None else _LocalModel(
-        loaded or load_variant(experiment, variant_name))
+    model = remote if remote is not None else LocalModel(
+        loaded or load_variant(experiment, variant_name, load_in_8bit=load_in_8bit,
+                               load_in_4bit=load_in_4bit))
     gen = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0,
            "temperature": temperature if temperature > 0 else 1.0,
            "generation_defaults": generation_defaults}
     common |= _generated_fields(model, spec, gen, temperature)
-    return _generate(model, items, prefill, gen, interventions, common, job)
-
-
-class _LocalModel:
-    """A loaded model behind the calls Mode A makes; a model server's
-    :class:`residlab.client.RemoteModel` offers the same ones."""
-
-    def __init__(self, loaded):
-        self.loaded, self.tokenizer, self.provenance = loaded, loaded.tokenizer, loaded.provenance
-
-    def generation_settings(self, **gen: Any) -> dict[str, Any]:
-        return effective_generation_settings(self.loaded.model, self.tokenizer, **gen)
-
-    def generate_ids(self, prompts: list[list[int]], *,
-                     interventions: Sequence[Intervention] = (), **gen: Any):
-        return generate_ids(self.loaded.model, self.tokenizer, prompts,
-                            interventions=interventions, **gen)
+    source = VariantSource(experiment, variant_name, load_in_8bit, load_in_4bit)
+    responses_job = ResponsesJob(source, gen, interventions, model=model)
+    return _generate(responses_job, items, prefill, common, job, executor or LocalExecutor())
 
 
 def _generated_fields(model, spec, gen: dict[str, Any], temperature: float) -> dict[str, Any]:
@@ -330,26 +329,31 @@ def _generated_fields(model, spec, gen: dict[str, Any], temperature: float) -> d
             "model_identity": _identity(provenance, spec.model, lora)}
 
 
-def _generate(model, items, prefill, gen, interventions, common, job: _Job) -> list[Path]:
-    """Mode A: generate in batches (after the folder check), saving each batch's records."""
-    prompts = {item.id: _prompt(model.tokenizer, item, prefill) for item in items}
+def _generate(model_job: ResponsesJob, items, prefill, common, job: _Job,
+              executor: Executor) -> list[Path]:
+    """Mode A: generate in batches (after the folder check) on ``executor``; this process
+    saves each finished batch's records."""
+    tokenizer = model_job.model.tokenizer
+    prompts = {item.id: _prompt(tokenizer, item, prefill) for item in items}
     todo, kept = _plan(job.out_dir, items, {k: p.ids for k, p in prompts.items()},
                        response_settings(common), job.skip_existing)
     if not todo:
         return []
-    written = []
+    batches = [todo[start:start + job.batch_size] for start in range(0, len(todo), job.batch_size)]
+    shards = [Shard(key, [prompts[item.id].ids + prompts[item.id].fill for item in batch],
+                    len(batch)) for key, batch in enumerate(batches)]
+    written: dict[int, list[Path]] = {}  # by batch, so the list comes out in a local run's order
+
+    def save(shard: Shard, outputs) -> None:
+        written[shard.key] = [
+            _save(job, tokenizer, item, prompts[item.id],
+                  prompts[item.id].fill + out.token_ids,
+                  {**common, "finish_reason": out.finish_reason})
+            for item, out in zip(batches[shard.key], outputs, strict=True)]
+
     with progress(total=len(items), desc="responses", unit="prompts", initial=kept) as bar:
-        for start in range(0, len(todo), job.batch_size):
-            batch = todo[start:start + job.batch_size]
-            rows = [prompts[item.id] for item in batch]
-            outputs = model.generate_ids([r.ids + r.fill for r in rows],
-                                         interventions=interventions, **gen)
-            for item, row, out in zip(batch, rows, outputs, strict=True):
-                extra = {**common, "finish_reason": out.finish_reason}
-                written.append(_save(job, model.tokenizer, item, row, row.fill + out.token_ids,
-                                     extra))
-            bar.update(len(batch))
-    return written
+        executor.run(model_job, shards, save, bar=bar)
+    return [path for key in sorted(written) for path in written[key]]
 
 
 def _import(spec, items, imported, prefill, common, job: _Job) -> list[Path]:

@@ -24,6 +24,10 @@ class NoisingJob(ShardJob):
     def model_name(self) -> str:
         return self.cfg.model_name
 
+    def model_key(self) -> tuple:
+        cfg = self.cfg
+        return (self.model_name(), cfg.dtype, cfg.device, cfg.trust_remote_code)
+
     def load(self) -> LoadedModel:
         cfg = self.cfg
         return load_model(self.model_name(), dtype=cfg.dtype, device=cfg.device,

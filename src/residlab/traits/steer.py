@@ -19,9 +19,12 @@ import torch
 
 from residlab.arch import resolve_arch
 from residlab.errors import NotFound, UsageError
+from residlab.executors import Executor, Shard
+from residlab.executors.local import LocalExecutor
 from residlab.experiments import Experiment, load_variant
 from residlab.generation import generate_ids
 from residlab.hooks import Add, Intervention
+from residlab.inference.jobs import VariantJob, VariantSource
 from residlab.progress import progress
 from residlab.prompts import template_ids
 from residlab.store import read_jsonl
@@ -40,9 +43,9 @@ from residlab.traits.steer_results import (
 )
 from residlab.traits.vectors import find_vectors, load_vector
 
-__all__ = ["SteerRow", "Steering", "format_summary", "load_results", "pack_interventions",
-           "resolve_steering", "run_steering", "steering_dir", "steering_interventions",
-           "summarize"]
+__all__ = ["SteerJob", "SteerRow", "Steering", "format_summary", "load_results",
+           "pack_interventions", "resolve_steering", "run_steering", "steering_dir",
+           "steering_interventions", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -81,22 +84,44 @@ def _vectors(experiment, trait, variant, layers, method, position, component, d_
     return units
 
 
-def _answer(loaded, rows, units, *, max_new_tokens, batch_size, positions) -> list[str]:
-    tokenizer, answers = loaded.tokenizer, []
-    n_batches = -(-len(rows) // batch_size)
-    size = -(-len(rows) // max(n_batches, 1))  # even batches: no small straggler at the end
-    bar = progress(total=len(rows), desc="steering", unit="answers")
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
+class SteerJob(VariantJob):
+    """Steering answers on workers: a shard is one batch of rows (questions and their layer
+    and coefficient), its result the decoded answers; every worker holds the unit vectors."""
+
+    def __init__(self, source: VariantSource | None, units: dict[int, torch.Tensor], *,
+                 max_new_tokens: int, positions: str, loaded=None):
+        super().__init__(source, loaded=loaded)
+        self.units, self.max_new_tokens, self.positions = units, max_new_tokens, positions
+
+    def compute(self, payload: list[SteerRow]) -> list[str]:
+        tokenizer = self.loaded.tokenizer
         prompts = [template_ids(tokenizer, [{"role": "user", "content": r.question}])[1]
-                   for r in chunk]
-        generated = generate_ids(loaded.model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                 interventions=pack_interventions(chunk, units,
-                                                                  positions=positions))
-        answers += [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generated]
-        bar.update(len(chunk))
-    bar.close()
-    return answers
+                   for r in payload]
+        generated = generate_ids(self.loaded.model, tokenizer, prompts,
+                                 max_new_tokens=self.max_new_tokens,
+                                 interventions=pack_interventions(payload, self.units,
+                                                                  positions=self.positions))
+        return [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generated]
+
+
+def _answer(loaded, rows, units, *, max_new_tokens, batch_size, positions,
+            executor: Executor | None = None, source: VariantSource | None = None) -> list[str]:
+    """Every row's answer, in even batches (no small straggler at the end) on ``executor``
+    (default: this process; a remote one loads ``source`` on each worker)."""
+    job = SteerJob(source, units, max_new_tokens=max_new_tokens, positions=positions,
+                   loaded=loaded)
+    n_batches = -(-len(rows) // batch_size)
+    size = -(-len(rows) // max(n_batches, 1))
+    shards = [Shard(key, rows[start:start + size], len(rows[start:start + size]))
+              for key, start in enumerate(range(0, len(rows), size))]
+    answers: dict[int, list[str]] = {}
+
+    def keep(shard: Shard, texts: list[str]) -> None:
+        answers[shard.key] = texts
+
+    with progress(total=len(rows), desc="steering", unit="answers") as bar:
+        (executor or LocalExecutor()).run(job, shards, keep, bar=bar)
+    return [text for key in sorted(answers) for text in answers[key]]
 
 
 def _saved_answers(folder: Path, setting: dict) -> list[dict]:
@@ -114,7 +139,7 @@ def _saved_answers(folder: Path, setting: dict) -> list[dict]:
 
 
 def _generate(experiment, data, setting, *, variant_name, layers, coefficients, loaded,
-              max_new_tokens, batch_size, positions) -> list[dict]:
+              max_new_tokens, batch_size, positions, executor=None) -> list[dict]:
     """Answer every question unsteered and at each (layer, coefficient)."""
     loaded = loaded or load_variant(experiment, variant_name)
     arch = resolve_arch(loaded.model)
@@ -125,7 +150,8 @@ def _generate(experiment, data, setting, *, variant_name, layers, coefficients, 
         SteerRow(q, layer, float(c)) for layer in chosen for c in coefficients if c != 0
         for q in data.questions]
     texts = _answer(loaded, rows, units, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    positions=positions)
+                    positions=positions, executor=executor,
+                    source=VariantSource(experiment, variant_name))
     return [{**setting, "question": r.question, "layer": r.layer, "coefficient": r.coefficient,
              "answer": a} for r, a in zip(rows, texts, strict=True)]
 
@@ -148,9 +174,12 @@ def run_steering(
     judge: Judge, variant: str | None = None, vector_variant: str | None = None,
     method: str = "mean_diff", position: str = "response[:5]", component: str = "residual",
     max_new_tokens: int = 48, batch_size: int = 32, positions: str = "all",
-    rescore: bool = False, loaded=None,
+    rescore: bool = False, loaded=None, executor: Executor | None = None,
 ) -> Path:
     """Generate (unless ``rescore``), judge, and merge into results.jsonl; returns its path.
+
+    ``executor`` generates the answers (default: this process); a remote one (Ray) loads the
+    variant on each worker. The answers are saved here once all are in, as a local run does.
 
     ``rescore`` judges again every saved answer of this exact setting (the same method,
     position, component, vector variant, positions and max_new_tokens)."""
@@ -170,7 +199,7 @@ def run_steering(
         answered = _generate(experiment, data, setting, variant_name=variant_name, layers=layers,
                              coefficients=coefficients, loaded=loaded,
                              max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             positions=positions)
+                             positions=positions, executor=executor)
         merge_rows(answers_file, answered, key=answer_key)
     scored = _judge(judge, data.definition, answered, answers_file)
     return merge_rows(folder / "results.jsonl", scored)
