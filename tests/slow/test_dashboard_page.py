@@ -19,40 +19,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from test_server_api import serve_in_thread  # noqa: E402
-from test_viz import CHROMIUM, CHROMIUM_ARGS, SCREENSHOT_DIR, _browser  # noqa: E402
+from test_viz import SCREENSHOT_DIR  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TRAIT = "emotion/optimism"
 EVIL_TRAIT = "hostile/<img src=x onerror=window.__xss=3>"
-IGNORED_CONSOLE = ("Failed to load resource",)  # 404 / 409 answers the page explains itself
-
-
-@pytest.fixture(scope="module")
-def server(dashboard_root):
-    from residlab.server.app import create_app
-    from residlab.server.state import ServerState
-
-    app = create_app(ServerState(), experiments_root=dashboard_root / "experiments")
-    with serve_in_thread(app) as base:
-        yield base
-
-
-@pytest.fixture
-def page(server):
-    with _browser() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.errors = []
-            page.on("pageerror", lambda error: page.errors.append(str(error)))
-            page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" and not
-                    m.text.startswith(IGNORED_CONSOLE) else None)
-            page.on("dialog", lambda dialog: page.errors.append("dialog: " + dialog.message))
-            yield page
-            assert page.evaluate("() => window.__xss") is None  # no injected script ran
-            assert page.errors == []
-        finally:
-            browser.close()
 
 
 def _open(page, server: str, view: str, **state: str) -> dict:
