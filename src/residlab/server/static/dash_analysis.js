@@ -7,7 +7,7 @@
 // delta and KL per response position). Every number is the API's.
 
 import { floats, getJSON } from "./dash_api.js";
-import { ReadyTracker, XYChart, dataTable, fmt, gridTable, missingOrError, panel, selectBox } from "./dash_charts.js";
+import { dataTable, experimentOverview, fmt, gridTable, missingOrError, panel, ReadyTracker, selectBox, XYChart } from "./dash_charts.js";
 import { Heatmap } from "./dash_heatmap.js";
 import { COLOURS } from "./dash_lines.js";
 import { h, hintsPanel, note, setDebug, state, subscribe } from "./dash_state.js";
@@ -68,19 +68,8 @@ class AnalysisView {
     const gen = ++this.gen;
     await this.ready.run(async () => {
       this.debug = { calibration: null, diff: null, logprobs: null };
-      if (!state.exp) {
-        this.root.replaceChildren(note("No experiment selected."));
-        this.publish({});
-        return;
-      }
-      let overview;
-      try {
-        overview = await getJSON("overview", { exp: state.exp });
-      } catch (error) {
-        if (gen === this.gen) this.root.replaceChildren(missingOrError("experiment overview", error));
-        return;
-      }
-      if (gen !== this.gen) return;
+      const overview = await experimentOverview(this, gen, () => this.publish({}));
+      if (!overview) return;
       this.overview = overview;
       this.calBox = h("div", { id: "an-calibration" });
       this.diffBox = h("div", { id: "an-diff" });

@@ -4,7 +4,8 @@
 // here computes a statistic: the views pass the API's numbers and these only lay them out.
 
 import { cssVar } from "./dash_lines.js";
-import { errorPanel, h, setViewReady } from "./dash_state.js";
+import { getJSON } from "./dash_api.js";
+import { errorPanel, h, note, setViewReady, state } from "./dash_state.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -202,6 +203,24 @@ export function missingOrError(what, error) {
   if (error?.status !== 404) return errorPanel(what, error);
   return h("div", { class: "hint-panel missing" }, h("strong", { text: `No ${what} yet:` }),
     h("p", {}, h("code", { text: error.message ?? String(error) })));
+}
+
+/** The experiment's overview (what the part-2 views can show) for the render ``gen`` of
+ * ``view``; null when there is no experiment (``onEmpty()`` then publishes the view's empty
+ * debug data), the request failed (``view.root`` says why) or a newer render began. */
+export async function experimentOverview(view, gen, onEmpty) {
+  if (!state.exp) {
+    view.root.replaceChildren(note("No experiment selected."));
+    onEmpty();
+    return null;
+  }
+  try {
+    const overview = await getJSON("overview", { exp: state.exp });
+    return gen === view.gen ? overview : null;
+  } catch (error) {
+    if (gen === view.gen) view.root.replaceChildren(missingOrError("experiment overview", error));
+    return null;
+  }
 }
 
 /** ``select`` with ``options`` [[value, text]] and ``value`` chosen, in a label. */

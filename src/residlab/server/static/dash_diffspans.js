@@ -5,7 +5,7 @@
 // highlighted). Every number is the API's.
 
 import { getJSON } from "./dash_api.js";
-import { ReadyTracker, fmt, missingOrError, panel, selectBox } from "./dash_charts.js";
+import { experimentOverview, fmt, missingOrError, panel, ReadyTracker, selectBox } from "./dash_charts.js";
 import { h, hintsPanel, navigate, note, setDebug, state, subscribe, toQuery } from "./dash_state.js";
 
 const REDRAW = ["exp", "meta", "theme"];
@@ -51,19 +51,8 @@ class DiffSpansView {
   async render() {
     const gen = ++this.gen;
     await this.ready.run(async () => {
-      if (!state.exp) {
-        this.root.replaceChildren(note("No experiment selected."));
-        setDebug("diffspans", { spans: [] });
-        return;
-      }
-      let overview;
-      try {
-        overview = await getJSON("overview", { exp: state.exp });
-      } catch (error) {
-        if (gen === this.gen) this.root.replaceChildren(missingOrError("experiment overview", error));
-        return;
-      }
-      if (gen !== this.gen) return;
+      const overview = await experimentOverview(this, gen, () => setDebug("diffspans", { spans: [] }));
+      if (!overview) return;
       this.overview = overview;
       this.diffs = (overview.diffs ?? []).filter((d) => (d.per_token ?? []).length
         || (d.logprobs ?? []).length);

@@ -8,7 +8,7 @@
 // answer, the trait definition and the judge). Every number is the API's.
 
 import { getJSON } from "./dash_api.js";
-import { ReadyTracker, XYChart, chips, dataTable, fmt, gridTable, missingOrError, pager, panel, selectBox } from "./dash_charts.js";
+import { chips, dataTable, experimentOverview, fmt, gridTable, missingOrError, pager, panel, ReadyTracker, selectBox, XYChart } from "./dash_charts.js";
 import { COLOURS } from "./dash_lines.js";
 import { h, hintsPanel, note, setDebug, setViewReady, state, subscribe } from "./dash_state.js";
 
@@ -62,19 +62,8 @@ class SteeringView {
     const gen = ++this.gen;
     await this.ready.run(async () => {
       this.debug = {};
-      if (!state.exp) {
-        this.root.replaceChildren(note("No experiment selected."));
-        this.publish({ lines: [] });
-        return;
-      }
-      let overview;
-      try {
-        overview = await getJSON("overview", { exp: state.exp });
-      } catch (error) {
-        if (gen === this.gen) this.root.replaceChildren(missingOrError("experiment overview", error));
-        return;
-      }
-      if (gen !== this.gen) return;
+      const overview = await experimentOverview(this, gen, () => this.publish({ lines: [] }));
+      if (!overview) return;
       this.entries = overview.steering ?? [];
       if (!this.entries.length) {
         this.root.replaceChildren(hintsPanel("No steering runs yet; make them with:",
