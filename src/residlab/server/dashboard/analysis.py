@@ -23,6 +23,7 @@ from residlab.server.dashboard.files import (
     cmd,
     parse_json,
 )
+from residlab.server.dashboard.projections import top5_layers
 
 __all__ = ["HANDLERS", "diff_index", "export_keys"]
 
@@ -40,10 +41,7 @@ def read_doc(data: DashboardFiles, path: Path, command: str) -> Any:
 
 def _massive(layers: list[int], entries: list[dict]) -> dict[str, Any]:
     """Every dim of any layer's top-k, its top-5 layers and its mean value by layer."""
-    top5: dict[int, list[int]] = {}
-    for layer, entry in zip(layers, entries, strict=True):
-        for dim in entry["dims"][:5]:
-            top5.setdefault(int(dim), []).append(layer)
+    top5 = top5_layers(zip(layers, entries, strict=True))
     dims = sorted({int(d) for e in entries for d in e["dims"]},
                   key=lambda d: (-len(top5.get(d, [])), d))
     out = []
@@ -84,8 +82,7 @@ def calibration(data: DashboardFiles, p: Params) -> dict[str, Any]:
     exp = data.experiment(p.text("exp"))
     variant = data.variant(exp, p.text("variant"))
     command = cmd("calibrate", exp.name, model_variant=variant)
-    path = data.inference(exp, variant, "massive_activations", "calibration.json",
-                          is_dir=False)
+    path = data.calibration_file(exp, variant)
     if path is None:
         raise NotFound(f"no calibration of {variant} in {exp.name}; make it with '{command}'")
     doc = read_doc(data, path, command)
@@ -242,8 +239,7 @@ def export_keys(data: DashboardFiles, name: str) -> Iterator[tuple[str, dict[str
     """The calibration of every variant that has one (diffs: :mod:`.diff_spans`)."""
     exp = data.experiment(name)
     for variant in exp.config.model_variants:
-        if data.inference(exp, variant, "massive_activations", "calibration.json",
-                          is_dir=False) is not None:
+        if data.calibration_file(exp, variant) is not None:
             yield "calibration", {"exp": name, "variant": variant}
 
 

@@ -307,6 +307,11 @@ class DashboardFiles:
                   is_dir: bool = True) -> Path | None:
         return self.child(self.root, exp.name, "inference", variant, *names, is_dir=is_dir)
 
+    def calibration_file(self, exp: Experiment, variant: str) -> Path | None:
+        """``variant``'s ``massive_activations/calibration.json`` (None: not calibrated)."""
+        return self.inference(exp, variant, "massive_activations", "calibration.json",
+                              is_dir=False)
+
     def _provenance_source(self, exp: Experiment, variant: str, prompt_set: str) -> str | None:
         """The variant whose responses a capture of ``variant`` replayed (``--responses-from``)."""
         path = self.inference(exp, variant, "raw", "residual", prompt_set, "_provenance.json",

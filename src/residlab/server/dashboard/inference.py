@@ -48,8 +48,7 @@ def experiment(data: DashboardFiles, p: Params) -> dict[str, Any]:
     variants = list(exp.config.model_variants)
     sets = {v: data.prompt_sets(exp, v) for v in variants}
     projections = {v: pj.projection_index(data, exp, v) for v in variants}
-    calibration = {v: data.inference(exp, v, "massive_activations", "calibration.json",
-                                     is_dir=False) is not None for v in variants}
+    calibration = {v: data.calibration_file(exp, v) is not None for v in variants}
     return {
         "name": exp.name, "variants": variants,
         "defaults": exp.config.defaults.model_dump(),

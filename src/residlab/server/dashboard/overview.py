@@ -32,8 +32,7 @@ def overview(data: DashboardFiles, p: Params) -> dict[str, Any]:
                  "n_rows": len(steering_rows(data, exp, trait, variant) or [])}
                 for trait, variant in steering_runs(data, exp)]
     variants = list(exp.config.model_variants)
-    calibration = [v for v in variants if data.inference(
-        exp, v, "massive_activations", "calibration.json", is_dir=False) is not None]
+    calibration = [v for v in variants if data.calibration_file(exp, v) is not None]
     diffs = diff_index(data, exp)
     runs = noising.noising_runs(data, p)
     app, extract = exp.variant(None)[0], exp.variant(None, "extraction")[0]

@@ -6,7 +6,7 @@ comes from :class:`~residlab.server.dashboard.files.DashboardFiles`'s listings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,22 +199,27 @@ def trait_files(data: DashboardFiles, where: Where, trait: str, prompt_id: str) 
 # --- cleaning --------------------------------------------------------------------------------
 
 
+def top5_layers(entries: Iterable[tuple[int, dict]]) -> dict[int, list[int]]:
+    """``{dim: the layers whose calibration top 5 has it}`` from ``(layer, entry)`` pairs;
+    the massive-dims criterion is ``len(layers) >= TOP5_MIN_LAYERS``."""
+    found: dict[int, list[int]] = {}
+    for layer, entry in entries:
+        for dim in entry["dims"][:5]:
+            found.setdefault(int(dim), []).append(layer)
+    return found
+
+
 def top5(data: DashboardFiles, exp: Experiment, variant: str) -> set[int] | None:
     """Dims in the calibration's top 5 at >= 3 layers (``None``: no calibration)."""
-    path = data.inference(exp, variant, "massive_activations", "calibration.json",
-                          is_dir=False)
+    path = data.calibration_file(exp, variant)
     if path is None:
         return None
     try:
-        layers = data.load(path, parse_json)["layers"]
-        counts: dict[int, int] = {}
-        for entry in layers.values():
-            for dim in entry["dims"][:5]:
-                counts[int(dim)] = counts.get(int(dim), 0) + 1
+        found = top5_layers((int(k), v) for k, v in data.load(path, parse_json)["layers"].items())
     except (Invalid, KeyError, TypeError, AttributeError, ValueError):
         raise UsageError(f"{path} is not a valid calibration file; make it again with "
                          f"'{cmd('calibrate', exp.name, model_variant=variant)}'") from None
-    return {dim for dim, n in counts.items() if n >= TOP5_MIN_LAYERS}
+    return {dim for dim, layers in found.items() if len(layers) >= TOP5_MIN_LAYERS}
 
 
 def clean_dims(data: DashboardFiles, where: Where, file: Projection, clean: str) -> list[int]:

@@ -93,8 +93,7 @@ def _direction(coefficient: float) -> str | None:
 
 def _h_norms(data: DashboardFiles, exp: Experiment, variant: str) -> dict[int, float] | None:
     """``{layer: mean token norm}`` from ``variant``'s calibration (None: none)."""
-    path = data.inference(exp, variant, "massive_activations", "calibration.json",
-                          is_dir=False)
+    path = data.calibration_file(exp, variant)
     if path is None:
         return None
     try:
