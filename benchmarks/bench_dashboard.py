@@ -1,6 +1,8 @@
 """The dashboard's Inference view on a long response: time to chart and payload size.
 
-One run, through a real uvicorn server on a loopback port and Debian's Chromium (Playwright):
+One run, through ``residlab serve --no-model`` in its own process on a loopback port (as a
+user runs it: the page's server does not share an interpreter with the browser driver) and
+Debian's Chromium (Playwright):
   - time from navigation (``page.goto`` of a URL naming the experiment, prompt and 5 traits)
     to the drawn Inference chart (``main#view[data-view-ready="inference"]``), for a response
     of 2,000 tokens projected onto 5 traits. Cold (first load, empty browser cache) and the
@@ -18,23 +20,28 @@ own projection code onto 5 random unit vectors, written in the projection files'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 CHROMIUM = "/usr/bin/chromium"
+# The project's Chromium flags, plus one: headless Chromium otherwise builds its own omnibox
+# popup (a WebUI of some 400 modules, over 1 s of CPU) in the background of every new tab,
+# which on 2 cores competes with the page being timed and is no part of loading it.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+                 "--disable-sync", "--disable-features=PreloadTopChromeWebUI,WebUIOmniboxPopup"]
 TRAITS = [f"bench/trait_{i}" for i in range(5)]
 LAYER, WIDTH, PROMPT_TOKENS = 10, 576, 40
 
@@ -106,9 +113,6 @@ def measure(base: str, repeats: int) -> tuple[float, list[float], dict[str, int]
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda error, sink=errors: sink.append(str(error)))
-            asked: list[str] = []
-            page.on("request", lambda request, sink=asked: sink.append(request.url)
-                    if "/api/data/" in request.url else None)
             start = time.perf_counter()
             page.goto(_url(base))
             page.wait_for_selector('main#view[data-view-ready="inference"]', timeout=30000)
@@ -118,6 +122,10 @@ def measure(base: str, repeats: int) -> tuple[float, list[float], dict[str, int]
                 raise SystemExit(f"the chart shows {drawn}, not the {len(TRAITS)} traits")
             if errors:
                 raise SystemExit(f"page errors: {errors}")
+            # What the page asked the API for (read after the timing, so that listening to
+            # requests does not slow the load being timed).
+            asked = page.evaluate("() => performance.getEntriesByType('resource')"
+                                  ".map((e) => e.name).filter((u) => u.includes('/api/data/'))")
             page.close()
         browser.close()
     for url in asked:  # the answers of the last load, fetched again to count their bytes
@@ -126,25 +134,57 @@ def measure(base: str, repeats: int) -> tuple[float, list[float], dict[str, int]
     return times[0], times[1:], sizes
 
 
+@contextlib.contextmanager
+def serve(root: Path) -> Iterator[str]:
+    """``residlab serve --no-model`` over ``root`` on a free loopback port; its base URL. Its
+    log goes to ``root/../serve.log`` (read back if it exits early)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "residlab", "serve", "--no-model", "--experiments-dir",
+               str(root), "--host", "127.0.0.1", "--port", str(port)]
+    log_path = root.parent / "serve.log"
+    log = log_path.open("wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if server.poll() is not None:
+                log.close()
+                raise SystemExit(f"residlab serve exited: {log_path.read_text()[-2000:]}")
+            try:
+                httpx.get(f"{base}/api/data/experiments", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("residlab serve did not answer within 60 s") from None
+                time.sleep(0.1)
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    from residlab.server.app import create_app
-    from residlab.server.state import ServerState
-    from test_server_api import serve_in_thread
-
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder) / "experiments"
         build(root, args.tokens)
-        app = create_app(ServerState(), experiments_root=root)
-        with serve_in_thread(app) as base:
+        with serve(root) as base:
             cold, warm, sizes = measure(base, args.repeats)
     chart_bytes = sizes.get("projections", 0) + sizes.get("norms", 0)
     raw = (len(TRAITS) + 1) * args.tokens * 4
     median = statistics.median(warm)
-    print(f"[dashboard] {args.tokens}-token response, {len(TRAITS)} traits, served on 127.0.0.1")
+    print(f"[dashboard] {args.tokens}-token response, {len(TRAITS)} traits, 'residlab serve' on "
+          "127.0.0.1")
     print(f"[time] navigation -> Inference chart drawn: cold {cold * 1000:.0f} ms, warm median "
           f"{median * 1000:.0f} ms of {len(warm)} (min {min(warm) * 1000:.0f}, max "
           f"{max(warm) * 1000:.0f})   (goal < 1000 ms)")

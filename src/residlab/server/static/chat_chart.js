@@ -74,7 +74,7 @@ export class TraitChart {
       axes: [{ label: "token" },
         { label: this.options.metric === "scores" ? "cosine" : "projection" }],
       series: [{ label: "token" }, ...this.names.map((name, i) => ({
-        label: name, stroke: COLOURS[i % COLOURS.length], width: 1.5, points: { show: false },
+        label: name, stroke: COLOURS[i % COLOURS.length], width: 1, points: { show: false },
       }))],
       hooks: { drawClear: [(u) => this.shade(u)] },
     };

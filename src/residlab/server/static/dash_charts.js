@@ -3,7 +3,7 @@
 // x axis (uPlot; dashed series, a per-point note in the legend) and an SVG box plot. Nothing
 // here computes a statistic: the views pass the API's numbers and these only lay them out.
 
-import { cssVar } from "./dash_lines.js";
+import { LINE_WIDTH, cssVar } from "./dash_lines.js";
 import { getJSON } from "./dash_api.js";
 import { errorPanel, h, note, setViewReady, state } from "./dash_state.js";
 
@@ -128,7 +128,7 @@ export class XYChart {
       axes: [{ ...axis, label: xLabel, ...(this.integerX ? { incrs: [1, 2, 5, 10, 20, 50, 100,
         200, 500, 1000] } : {}) }, { ...axis, label: yLabel, size: 64 }],
       series: [{ label: xLabel, value: (u, v) => (v === null || v === undefined ? "--" : String(v)) },
-        ...series.map((s) => ({ label: s.label, stroke: s.colour, width: 1.5, dash: s.dash,
+        ...series.map((s) => ({ label: s.label, stroke: s.colour, width: LINE_WIDTH, dash: s.dash,
           spanGaps: false, points: { show: true, size: 5 },
           value: (u, v, si, i) => (v === null || v === undefined ? "--"
             : `${fmt(v)}${s.notes?.[i] ? ` (${s.notes[i]})` : ""}`) }))],

@@ -10,6 +10,10 @@ import { floats } from "./dash_api.js";
 export const COLOURS = ["#3b82f6", "#ef4444", "#22c55e", "#a855f7", "#f97316", "#06b6d4",
   "#ec4899", "#84cc16", "#eab308", "#64748b"];
 const SYNC_KEY = "residlab-tokens";
+/** Line width in CSS pixels. One pixel, not more: the canvas strokes a width-1 line on its
+ * fast hairline path, while a wider anti-aliased stroke over 2,000 jagged points took about
+ * 160 ms per page of three charts to rasterise in software (the benchmark's main cost). */
+export const LINE_WIDTH = 1;
 
 /** Centred moving average over ``window`` tokens, skipping nulls (null stays null). */
 export function movingAverage(values, window) {
@@ -149,7 +153,7 @@ export class LineChart {
       axes: [{ ...axis, label: "token" }, { ...axis, label: this.yLabel, size: 64 }],
       series: [
         { label: "token", value: (u, i) => this.xLegend(i) },
-        ...series.map((s) => ({ label: s.label, stroke: s.colour, width: 1.5,
+        ...series.map((s) => ({ label: s.label, stroke: s.colour, width: LINE_WIDTH,
           points: { show: false }, value: (u, v) => formatValue(v) })),
       ],
       hooks: { drawClear: [(u) => this.underlay(u)], draw: [(u) => this.overlay(u)] },
