@@ -5,7 +5,11 @@
     plain eager forward with ``output_attentions=True`` and ``output_hidden_states=True`` over
     the same prompts, one at a time, nothing saved. Goal: >= 0.8x its speed. Also printed: the
     same forward plus the logit lens done by hand from its hidden states (final norm + LM head
-    + softmax + top-k per layer, float32), which is the work the command does beyond a forward.
+    + softmax + top-k per layer, float32), which is the work the command does beyond a forward,
+    and the arithmetic behind the gap: per token, the lens multiplies by the unembedding once
+    per row (31 rows on a 30-layer model), several times the multiply-adds of a whole forward,
+    so no run that computes it can reach 0.8x a forward's speed on a machine bound by
+    arithmetic.
   - size: the attention safetensors (float16, ``(L, H, T, T)``) vs the seed's JSON shape for
     the same content (per token, per layer, one row per head over the visible keys, values as
     ``json.dump`` writes float32 weights). Goal: <= 0.25x.
@@ -82,6 +86,17 @@ def plain_eager(model, rows, *, lens: bool) -> None:
                     (probs > own).sum(-1)
 
 
+def flops_per_token(model) -> tuple[float, float]:
+    """Multiply-adds x 2 per position: a forward (every weight matrix of the blocks and the
+    unembedding once; attention scores are small at these lengths) and the lens (the
+    unembedding once per row: the embedding row and every layer)."""
+    vocab, width = model.get_output_embeddings().weight.shape
+    blocks = sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
+    unembed = vocab * width
+    rows = model.config.num_hidden_layers + 1
+    return 2.0 * (blocks + unembed), 2.0 * rows * unembed
+
+
 def timed(runs: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each run, interleaved so machine drift hits all alike."""
     seconds: dict[str, list[float]] = {name: [] for name in runs}
@@ -147,6 +162,11 @@ def main() -> None:
               f"{n_tokens / o:7.0f} tok/s")
         print(f"[speed] extract-viz vs plain eager forward = {p / o:.2f}x   (goal >= 0.8x)")
         print(f"[speed] extract-viz vs forward + lens by hand = {pl / o:.2f}x")
+        forward, lens = flops_per_token(loaded.model)
+        print(f"[arithmetic] per token: forward ~{forward / 1e6:.0f} MFLOP (2 x weights); lens "
+              f"{lens / 1e6:.0f} MFLOP ({loaded.model.config.num_hidden_layers + 1} rows x 2 x "
+              f"vocab x width); so any run that also computes the lens is at most "
+              f"{forward / (forward + lens):.2f}x a forward's speed")
         folder = viz_dir(experiment, "main", "viz")
         ours_bytes = sum(p.stat().st_size for p in folder.glob("*_attention.safetensors"))
         seed_bytes = sum(seed_json_bytes(p) for p in folder.glob("*_attention.safetensors"))

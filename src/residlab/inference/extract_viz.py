@@ -75,6 +75,11 @@ class TokenText:
     def many(self, ids: Sequence[int]) -> list[str]:
         return [self(int(i)) for i in ids]
 
+    def table(self, ids: torch.Tensor) -> dict[int, str]:
+        """``{id: text}`` of every id in ``ids``: a plain dict lookup per entry when a lens
+        document names some two million top-k tokens."""
+        return {token: self(token) for token in ids.unique().tolist()}
+
 
 def _response_paths(experiment: Experiment, variant: str, prompt_set: str,
                     limit: int | None) -> list[Path]:
@@ -113,10 +118,11 @@ def lens_document(record: dict, readout: LensReadout, text: TokenText, *, prompt
     top_ids = readout.top_ids.tolist()  # (L, T-1, k)
     top_probs = readout.top_probs.tolist()
     ranks, probs = readout.actual_rank.tolist(), readout.actual_prob.tolist()
+    words = text.table(readout.top_ids)
     predictions = []
     for i in range(len(ids) - 1):
         by_layer = [{"layer": layer,
-                     "top_k": [{"token": text(t), "token_id": t, "prob": p}
+                     "top_k": [{"token": words[t], "token_id": t, "prob": p}
                                for t, p in zip(top_ids[row][i], top_probs[row][i], strict=True)],
                      "actual_rank": ranks[row][i], "actual_prob": probs[row][i]}
                     for row, layer in enumerate(layers)]
