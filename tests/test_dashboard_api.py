@@ -264,6 +264,10 @@ def test_response_is_the_file(client, demo):
     assert answer["responses_from"] == "tuned"
     for key in ("prompt", "response", "tokens", "token_ids", "prompt_end", "tags"):
         assert answer[key] == record[key]
+    # its place in the natural order of the prompt list (the picker turns to that page)
+    assert [get(client, "response", variant="tuned", id=i, **HOSTILE)["index"]
+            for i in IDS] == [0, 1, 2]
+    assert answer["index"] == IDS.index("10")
 
 
 # --- projections and norms -----------------------------------------------------------------------

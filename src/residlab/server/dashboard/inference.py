@@ -161,11 +161,14 @@ def response(data: DashboardFiles, p: Params) -> dict[str, Any]:
     where = data.where(p)
     prompt_id = p.text("id")
     record = data.record(where, prompt_id)
+    ids = data.ids(where.responses)
     return {"id": prompt_id, "prompt": record.get("prompt"),
             "response": record.get("response"), "system_prompt": record.get("system_prompt"),
             "note": record.get("prompt_note"), "tags": record.get("tags") or [],
             "tokens": record["tokens"], "token_ids": record["token_ids"],
-            "prompt_end": record["prompt_end"], "responses_from": where.responses_from}
+            "prompt_end": record["prompt_end"], "responses_from": where.responses_from,
+            # the id's place in the set's list (the picker opens the page holding it)
+            "index": ids.index(prompt_id) if prompt_id in ids else None}
 
 
 # --- projections / norms -------------------------------------------------------------------

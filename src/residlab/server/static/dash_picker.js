@@ -70,6 +70,16 @@ export class Picker {
     update({ token: Math.max(0, Math.min(n - 1, index)) }, { history: "replace" });
   }
 
+  /** Turn the id list to the page holding the prompt at ``index`` of the set (a URL may
+   * name any prompt, not only one of the first page). */
+  showPageOf(index) {
+    if (!Number.isInteger(index) || index < 0) return;
+    const offset = Math.floor(index / PAGE) * PAGE;
+    if (offset === this.offset) return;
+    this.offset = offset;
+    this.loadList();
+  }
+
   page(step) {
     const next = this.offset + step * PAGE;
     if (next < 0 || next >= this.total) return;
@@ -162,6 +172,7 @@ export class Picker {
       if (gen !== this.textGen) return;
       this.response = response;
       this.buildText(response);
+      this.showPageOf(response.index);
     } catch (error) {
       if (gen === this.textGen) box.replaceChildren(errorPanel(`prompt ${state.id}`, error));
     }
