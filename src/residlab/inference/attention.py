@@ -26,7 +26,8 @@ from residlab.arch import Arch, resolve_arch, unwrap_model
 from residlab.errors import UsageError
 from residlab.hooks import AttentionPattern, intervene
 
-__all__ = ["ATTENTION_BUDGET", "attention_patterns", "eager_attention", "layer_groups"]
+__all__ = ["ATTENTION_BUDGET", "attention_patterns", "eager_attention", "layer_groups",
+           "n_attention_heads"]
 
 log = logging.getLogger(__name__)
 ATTENTION_BUDGET = 512 * 2**20  # bytes of float32 weights one forward may hold
@@ -53,7 +54,8 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
         lm.set_attn_implementation(before)
 
 
-def _heads(arch: Arch, model: nn.Module) -> int:
+def n_attention_heads(arch: Arch, model: nn.Module) -> int:
+    """The model's query-head count, from its (text) config."""
     config = getattr(unwrap_model(model).config, "text_config", None) or \
         unwrap_model(model).config
     for key in ("num_attention_heads", "n_head", "num_heads"):
@@ -77,7 +79,7 @@ def patterns_of_prompt(model: nn.Module, arch: Arch, token_ids: Sequence[int],
     already run eager attention (see :func:`eager_attention`)."""
     device = next(model.parameters()).device
     ids = torch.tensor([list(token_ids)], device=device)  # (1, T)
-    groups = layer_groups(layers, heads=_heads(arch, model), tokens=len(token_ids),
+    groups = layer_groups(layers, heads=n_attention_heads(arch, model), tokens=len(token_ids),
                           budget=budget)
     out = []
     for group in groups:

@@ -19,8 +19,8 @@ from residlab.analysis.model_diff.per_token import (
     PromptDelta,
     _check_variants,
     _experiment,
-    _id_key,
     _traits,
+    id_sort_key,
     load_deltas,
 )
 from residlab.errors import UsageError
@@ -86,7 +86,7 @@ def layer_sensitivity(experiment: Experiment | str, variant_a: str, variant_b: s
     loaded = [load_deltas(experiment, variant_a, variant_b, prompt_set, trait=trait, layer=layer,
                           variant_a_prompt_set=variant_a_prompt_set) for layer in layers]
     by_id = [{item.prompt_id: item for item in deltas.items} for deltas in loaded]
-    common = sorted(set.intersection(*(set(found) for found in by_id)), key=_id_key)
+    common = sorted(set.intersection(*(set(found) for found in by_id)), key=id_sort_key)
     if not common:
         raise UsageError(f"no prompt of {prompt_set} is projected at every layer {layers}")
     prompts, matrices = zip(*(_sensitivity_prompt([found[pid] for found in by_id])

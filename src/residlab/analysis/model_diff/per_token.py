@@ -35,7 +35,7 @@ from residlab.experiments import Experiment
 from residlab.inference.project import projection_dir
 from residlab.store import write_json
 
-__all__ = ["PromptDelta", "format_top_clauses", "load_deltas", "per_token_diff",
+__all__ = ["PromptDelta", "format_top_clauses", "id_sort_key", "load_deltas", "per_token_diff",
            "split_clauses"]
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,9 @@ class PromptDelta:
     response_text: str | None
 
 
-def _id_key(prompt_id: str) -> tuple[int, int, str]:
-    """Numeric ids in numeric order, then the others."""
+def id_sort_key(prompt_id: str) -> tuple[int, int, str]:
+    """The natural order of prompt ids: numeric ids in numeric order, then the others (the
+    order every listing of a prompt set uses)."""
     return (0, int(prompt_id), "") if prompt_id.isdigit() else (1, 0, prompt_id)
 
 
@@ -252,7 +253,7 @@ def load_deltas(experiment: Experiment, variant_a: str, variant_b: str, prompt_s
     dir_a = _folder(experiment, variant_a, trait, set_a, layer)
     dir_b = _folder(experiment, variant_b, trait, prompt_set, layer)
     ids_a, ids_b = ({p.stem for p in d.glob("*.json")} for d in (dir_a, dir_b))
-    common = sorted(ids_a & ids_b, key=_id_key)
+    common = sorted(ids_a & ids_b, key=id_sort_key)
     if not common:
         raise UsageError(f"no common prompts: {dir_a} and {dir_b} share no prompt id; project "
                          "both variants on the same prompt set")

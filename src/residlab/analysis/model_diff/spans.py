@@ -14,17 +14,17 @@ from residlab.analysis.model_diff.per_token import (
     PromptDelta,
     _check_variants,
     _experiment,
-    _id_key,
     _quote,
     _read,
     _traits,
+    id_sort_key,
     load_deltas,
     split_clauses,
 )
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
 
-__all__ = ["format_spans", "top_spans"]
+__all__ = ["format_spans", "rank_spans", "span_ranges", "span_summary", "top_spans"]
 
 Mode = Literal["clause", "window", "prompt"]
 Sort = Literal["abs", "pos", "neg", "z"]
@@ -35,7 +35,7 @@ def _logprob_items(experiment: Experiment, variant_a: str, variant_b: str,
                    prompt_set: str) -> list[PromptDelta]:
     """The log-prob deltas written by ``residlab diff logprobs``."""
     folder = diff_dir(experiment, variant_a, variant_b) / "logprobs" / prompt_set
-    paths = sorted(folder.glob("*.json"), key=lambda p: _id_key(p.stem))
+    paths = sorted(folder.glob("*.json"), key=lambda p: id_sort_key(p.stem))
     if not paths:
         raise NotFound(f"no log-prob diffs in {folder}; run 'residlab diff logprobs "
                        f"--experiment {experiment.name} --variant-a {variant_a} --variant-b "
@@ -54,7 +54,9 @@ def _logprob_items(experiment: Experiment, variant_a: str, variant_b: str,
     return [item for item in items if item.tokens]
 
 
-def _ranges(n: int, tokens: list[str], mode: str, window: int) -> list[tuple[int, int]]:
+def span_ranges(n: int, tokens: list[str], mode: str, window: int) -> list[tuple[int, int]]:
+    """``[start, end)`` token ranges of one response: its clauses, every ``window``-token
+    window, or the whole response (``mode`` "prompt")."""
     if mode == "clause":
         return split_clauses(tokens)
     if mode == "window":
@@ -62,7 +64,8 @@ def _ranges(n: int, tokens: list[str], mode: str, window: int) -> list[tuple[int
     return [(0, n)]
 
 
-def _span(item: PromptDelta, start: int, end: int, context: int) -> dict[str, Any]:
+def span_summary(item: PromptDelta, start: int, end: int, context: int) -> dict[str, Any]:
+    """One span's text, range and delta statistics, with ``context`` tokens either side."""
     values = item.delta[start:end]
     return {"prompt_id": item.prompt_id, "text": "".join(item.tokens[start:end]),
             "token_range": [start, end], "n_tokens": end - start,
@@ -76,7 +79,7 @@ _KEYS = {"abs": lambda s: -abs(s["mean_delta"]), "pos": lambda s: -s["mean_delta
          "neg": lambda s: s["mean_delta"], "z": lambda s: -abs(s["z"])}
 
 
-def _rank(spans: list[dict], sort: str, top: int) -> list[dict]:
+def rank_spans(spans: list[dict], sort: str, top: int) -> list[dict]:
     """Best first by ``sort``; a span overlapping a better one of its prompt is skipped
     (sliding windows would otherwise repeat one peak)."""
     chosen: list[dict] = []
@@ -132,11 +135,11 @@ def top_spans(experiment: Experiment | str, variant_a: str, variant_b: str, prom
     mean, std = float(values.mean()), float(values.std())
     spans = []
     for item in items:
-        for start, end in _ranges(item.delta.size, item.tokens, mode, window):
-            span = _span(item, start, end, context)
+        for start, end in span_ranges(item.delta.size, item.tokens, mode, window):
+            span = span_summary(item, start, end, context)
             span["z"] = (span["mean_delta"] - mean) / std if std > 0 else 0.0
             spans.append(span)
-    return _rank(spans, sort, top)
+    return rank_spans(spans, sort, top)
 
 
 def format_spans(spans: Sequence[dict[str, Any]]) -> str:

@@ -189,7 +189,7 @@ def _computed_weights(data: DashboardFiles, where: Where, prompt_id: str) -> np.
     """``(n_layers, H, T, T)`` float16 of every layer, computed with the server's model."""
     from residlab.arch import resolve_arch
     from residlab.inference import attention_patterns
-    from residlab.inference.attention import _heads
+    from residlab.inference.attention import n_attention_heads
     from residlab.inference.raw import token_hash
 
     command = _viz_command(where, "attention")
@@ -197,7 +197,7 @@ def _computed_weights(data: DashboardFiles, where: Where, prompt_id: str) -> np.
     record = data.record(where, prompt_id)
     ids = record["token_ids"]
     arch = resolve_arch(loaded.model)
-    size = arch.n_layers * _heads(arch, loaded.model) * len(ids) ** 2 * 2
+    size = arch.n_layers * n_attention_heads(arch, loaded.model) * len(ids) ** 2 * 2
     if size > ATTENTION_LIMIT:
         raise UsageError(f"the attention of all {arch.n_layers} layers over {len(ids)} tokens "
                          f"would take {size / 2**20:.0f} MiB (over "

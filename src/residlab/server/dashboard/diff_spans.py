@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from residlab.analysis.model_diff.per_token import split_clauses
-from residlab.analysis.model_diff.spans import _rank
+from residlab.analysis.model_diff.spans import rank_spans
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
 from residlab.server.dashboard.analysis import diff_index, logprob_docs, read_doc, variant_pair
@@ -108,7 +108,7 @@ def diff_spans(data: DashboardFiles, p: Params) -> dict[str, Any]:
     mean, std = (float(values.mean()), float(values.std())) if values.size else (0.0, 0.0)
     spans = [s for d in docs for s in _clauses(d)]
     offsets = _offsets(data, exp, (a, b), prompt_set, docs)
-    ranked = _rank(spans, sort, top)
+    ranked = rank_spans(spans, sort, top)
     return {"source": source, "trait": trait, "layer": layer, "sort": sort,
             "n_spans": len(spans),
             "spans": [_span_out(i + 1, s, (s["mean_delta"] - mean) / std if std > 0 else 0.0,

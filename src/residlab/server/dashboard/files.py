@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from residlab.analysis.model_diff.per_token import _id_key
+from residlab.analysis.model_diff.per_token import id_sort_key
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment, load_experiment
 
@@ -344,7 +344,7 @@ class DashboardFiles:
         found = self.listings.get(key)
         if found is None or found[0] is not listing:
             ids = sorted((i for i in self.file_names(folder, ".json") if not i.startswith("_")),
-                         key=_id_key)
+                         key=id_sort_key)
             found = (listing, ids)
             self.listings.put(key, found, 1)
         return found[1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from residlab.analysis.model_diff.per_token import _id_key
+from residlab.analysis.model_diff.per_token import id_sort_key
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
 from residlab.server.dashboard import projections as pj
@@ -83,8 +83,8 @@ def viz_index(data: DashboardFiles, exp: Experiment,
     out = {}
     for prompt_set in data.dirs(base):
         folder = data.child(base, prompt_set)
-        lens = sorted(data.file_names(folder, "_logit_lens.json"), key=_id_key)
-        attention = sorted(data.file_names(folder, "_attention.safetensors"), key=_id_key)
+        lens = sorted(data.file_names(folder, "_logit_lens.json"), key=id_sort_key)
+        attention = sorted(data.file_names(folder, "_attention.safetensors"), key=id_sort_key)
         if lens or attention:
             out[prompt_set] = {"lens": lens, "attention": attention}
     return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from residlab.analysis.model_diff.per_token import _id_key
+from residlab.analysis.model_diff.per_token import id_sort_key
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
 from residlab.server.dashboard import projections as pj
@@ -126,7 +126,7 @@ def _pair_keys(data: DashboardFiles, exp: Experiment, pair: tuple[str, str], pro
         for mode, window in combos:
             keyed = {**params, "mode": mode, "window": str(window)}
             yield "spans", {**keyed, "scope": "set"}
-            for prompt_id in sorted(table, key=_id_key):
+            for prompt_id in sorted(table, key=id_sort_key):
                 yield "spans", {**keyed, "scope": "prompt", "id": prompt_id}
 
 

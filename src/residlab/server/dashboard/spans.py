@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from residlab.analysis.model_diff.per_token import _id_key
-from residlab.analysis.model_diff.spans import _ranges, _rank, _span
+from residlab.analysis.model_diff.per_token import id_sort_key
+from residlab.analysis.model_diff.spans import rank_spans, span_ranges, span_summary
 from residlab.errors import NotFound, UsageError
 from residlab.experiments import Experiment
 from residlab.server.dashboard import projections as pj
@@ -95,7 +95,7 @@ def _delta(data: DashboardFiles, wheres: tuple[Where, Where], files: tuple[Path,
 def _deltas(data: DashboardFiles, wheres: tuple[Where, Where], folders: tuple[Path, Path],
             trait: str) -> list[_Delta]:
     """Every prompt projected for both variants, B - A, natural id order."""
-    ids = sorted(set(data.ids(folders[0])) & set(data.ids(folders[1])), key=_id_key)
+    ids = sorted(set(data.ids(folders[0])) & set(data.ids(folders[1])), key=id_sort_key)
     if not ids:
         raise NotFound(f"{folders[0]} and {folders[1]} share no prompt id; project both "
                        "variants on the same prompt set")
@@ -123,8 +123,8 @@ def _all_spans(items: list[_Delta], mode: str, window: int) -> dict[str, list[di
     out: dict[str, list[dict]] = {}
     for item in items:
         found = out.setdefault(item.prompt_id, [])
-        for start, end in _ranges(item.delta.size, item.tokens, mode, window):
-            span = _span(item, start, end, 0)  # type: ignore[arg-type]
+        for start, end in span_ranges(item.delta.size, item.tokens, mode, window):
+            span = span_summary(item, start, end, 0)  # type: ignore[arg-type]
             span["z"] = (span["mean_delta"] - mean) / std if std > 0 else 0.0
             span["prompt_end"] = item.prompt_end
             found.append(span)
@@ -173,7 +173,7 @@ def spans(data: DashboardFiles, p: Params) -> dict[str, Any]:
     else:
         chosen = [span for found in table.values() for span in found]
     return {"trait": trait, "layer": layer,
-            "spans": [_span_out(s) for s in _rank(chosen, "abs", top)]}
+            "spans": [_span_out(s) for s in rank_spans(chosen, "abs", top)]}
 
 
 HANDLERS = {"spans": spans}
