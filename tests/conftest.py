@@ -217,23 +217,33 @@ def server(dashboard_root):
         yield base
 
 
-@pytest.fixture
-def page():
-    """A Chromium page that fails the test on any page error, console error or dialog, and
-    on any injected script having run (``window.__xss`` / ``__pwned``)."""
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Debian Chromium (through Playwright) per test module; each test opens its
+    own pages (each page its own browser context)."""
     from test_viz import CHROMIUM, CHROMIUM_ARGS, _browser
 
     with _browser() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.errors = []
-            page.on("pageerror", lambda error: page.errors.append(str(error)))
-            page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" and not
-                    m.text.startswith(IGNORED_CONSOLE) else None)
-            page.on("dialog", lambda dialog: page.errors.append("dialog: " + dialog.message))
-            yield page
-            assert page.evaluate("() => [window.__xss, window.__pwned]") == [None, None]
-            assert page.errors == []
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A Chromium page that fails the test on any page error, console error or dialog, and
+    on any injected script having run (``window.__xss`` / ``__pwned``)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    try:
+        page.errors = []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" and not
+                m.text.startswith(IGNORED_CONSOLE) else None)
+        page.on("dialog", lambda dialog: page.errors.append("dialog: " + dialog.message))
+        yield page
+        assert page.evaluate("() => [window.__xss, window.__pwned]") == [None, None]
+        assert page.errors == []
+    finally:
+        page.context.close()

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse  # noqa: E402
 
 from test_server_api import serve_in_thread  # noqa: E402
-from test_viz import CHROMIUM, CHROMIUM_ARGS, SCREENSHOT_DIR, _browser  # noqa: E402
+from test_viz import SCREENSHOT_DIR  # noqa: E402
 
 STATIC = Path(__file__).resolve().parents[1] / "src/residlab/server/static"
 EVIL = "<img src=x onerror=window.__xss=1>"
@@ -123,16 +123,6 @@ async def _chunks(body: dict, closed: list[bool]):
         finished = True
     finally:
         closed.append(not finished)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with _browser() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from residlab.server.dashboard.data import ENDPOINTS, PART1_ENDPOINTS, Dashboard
 from residlab.server.dashboard.export import CSP, export_dashboard, static_index_html
 from residlab.server.dashboard.files import canonical_key
 from residlab.server.state import ServerState
-from test_viz import CHROMIUM, CHROMIUM_ARGS, _browser
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "src" / "residlab" / "server" / "static"
 
@@ -37,16 +36,6 @@ def _write(folder: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
     return folder
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with _browser() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def _page(browser, errors: list[str]):

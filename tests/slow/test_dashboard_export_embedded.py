@@ -13,7 +13,7 @@ from residlab.server.app import create_app  # noqa: E402
 from residlab.server.dashboard.export import export_dashboard  # noqa: E402
 from residlab.server.state import ServerState  # noqa: E402
 from test_server_api import serve_in_thread  # noqa: E402
-from test_viz import CHROMIUM, CHROMIUM_ARGS, SCREENSHOT_DIR, _browser  # noqa: E402
+from test_viz import SCREENSHOT_DIR  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +41,16 @@ def _inference(browser, url: str, screenshot: str | None = None) -> dict:
         page.close()
 
 
-def test_the_export_draws_what_the_server_draws(dashboard_root, tmp_path):
+def test_the_export_draws_what_the_server_draws(browser, dashboard_root, tmp_path):
     root = dashboard_root / "experiments"
     out = tmp_path / "export"
     result = export_dashboard(root, "demo", out)
     assert result.answers > 0 and (out / "index.html").is_file()
     app = create_app(ServerState(), experiments_root=root)
-    with serve_in_thread(app) as url, _browser() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            served = _inference(browser, f"{url}/{QUERY}")
-            exported = _inference(browser, (out / "index.html").as_uri() + QUERY,
-                                  screenshot="dashboard_export.png")
-        finally:
-            browser.close()
+    with serve_in_thread(app) as url:
+        served = _inference(browser, f"{url}/{QUERY}")
+        exported = _inference(browser, (out / "index.html").as_uri() + QUERY,
+                              screenshot="dashboard_export.png")
     assert served["series"] and all(len(v) == len(served["x"]) for v in
                                     served["series"].values())
     assert exported == served
