@@ -7,10 +7,10 @@
 // delta and KL per response position). Every number is the API's.
 
 import { floats, getJSON } from "./dash_api.js";
-import { dataTable, experimentOverview, fmt, gridTable, missingOrError, panel, ReadyTracker, selectBox, XYChart } from "./dash_charts.js";
+import { dataTable, DataView, experimentOverview, fmt, gridTable, missingOrError, panel, selectBox, XYChart } from "./dash_charts.js";
 import { Heatmap } from "./dash_heatmap.js";
 import { COLOURS } from "./dash_lines.js";
-import { h, hintsPanel, note, setDebug, state, subscribe } from "./dash_state.js";
+import { h, hintsPanel, note, state } from "./dash_state.js";
 
 const REDRAW = ["exp", "meta", "theme"];
 const MASSIVE_ROWS = 24; // dims shown in the layer grid (the API sorts them by top-5 count)
@@ -31,26 +31,15 @@ function byLayer(layers, x, values) {
   return x.map((layer) => at.get(layer) ?? null);
 }
 
-class AnalysisView {
+class AnalysisView extends DataView {
   constructor(root) {
-    this.root = root;
-    this.gen = 0;
-    this.ready = new ReadyTracker("analysis");
+    super(root, "analysis", REDRAW);
     this.variant = "";
     this.pair = "";
     this.charts = [];
-    this.debug = {};
-    this.unsubscribe = subscribe((changed) => {
-      if (REDRAW.some((key) => changed.has(key))) this.render();
-    });
     this.onResize = () => { for (const chart of this.charts) chart.resize(); };
     window.addEventListener("resize", this.onResize);
     this.render();
-  }
-
-  publish(patch) {
-    Object.assign(this.debug, patch);
-    setDebug("analysis", this.debug);
   }
 
   chart(el, options) {
@@ -273,9 +262,7 @@ class AnalysisView {
   }
 
   destroy() {
-    this.gen += 1;
-    this.ready.stop();
-    this.unsubscribe();
+    super.destroy();
     window.removeEventListener("resize", this.onResize);
     for (const chart of this.charts) chart.destroy();
   }

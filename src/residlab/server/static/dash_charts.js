@@ -5,7 +5,7 @@
 
 import { LINE_WIDTH, cssVar } from "./dash_lines.js";
 import { getJSON } from "./dash_api.js";
-import { errorPanel, h, note, setViewReady, state } from "./dash_state.js";
+import { errorPanel, h, note, setDebug, setViewReady, state, subscribe } from "./dash_state.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 
@@ -280,5 +280,33 @@ export class ReadyTracker {
     } finally {
       this.end();
     }
+  }
+}
+
+/** What every data view shares: a generation counter (a render bumps it; an answer for an
+ * older one is dropped), the ready flag, its debug object published under its name, and a
+ * redraw when a state key in ``redraw`` changes. A view implements ``render()``; its
+ * ``destroy()`` calls this one first. */
+export class DataView {
+  constructor(root, name, redraw) {
+    this.root = root;
+    this.name = name;
+    this.gen = 0;
+    this.ready = new ReadyTracker(name);
+    this.debug = {};
+    this.unsubscribe = subscribe((changed) => {
+      if (redraw.some((key) => changed.has(key))) this.render();
+    });
+  }
+
+  publish(patch) {
+    Object.assign(this.debug, patch);
+    setDebug(this.name, this.debug);
+  }
+
+  destroy() {
+    this.gen += 1;
+    this.ready.stop();
+    this.unsubscribe();
   }
 }

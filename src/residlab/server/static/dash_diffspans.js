@@ -5,8 +5,8 @@
 // highlighted). Every number is the API's.
 
 import { getJSON } from "./dash_api.js";
-import { experimentOverview, fmt, missingOrError, panel, ReadyTracker, selectBox } from "./dash_charts.js";
-import { h, hintsPanel, navigate, note, setDebug, state, subscribe, toQuery } from "./dash_state.js";
+import { DataView, experimentOverview, fmt, missingOrError, panel, selectBox } from "./dash_charts.js";
+import { h, hintsPanel, navigate, note, setDebug, state, toQuery } from "./dash_state.js";
 
 const REDRAW = ["exp", "meta", "theme"];
 const TOP = 20;
@@ -33,18 +33,13 @@ export function spanTarget(span, pair, set, source) {
   return target;
 }
 
-class DiffSpansView {
+class DiffSpansView extends DataView {
   constructor(root) {
-    this.root = root;
-    this.gen = 0;
-    this.ready = new ReadyTracker("diffspans");
+    super(root, "diffspans", REDRAW);
     this.pair = "";
     this.set = "";
     this.source = "";
     this.sort = "abs";
-    this.unsubscribe = subscribe((changed) => {
-      if (REDRAW.some((key) => changed.has(key))) this.render();
-    });
     this.render();
   }
 
@@ -155,9 +150,7 @@ class DiffSpansView {
   }
 
   destroy() {
-    this.gen += 1;
-    this.ready.stop();
-    this.unsubscribe();
+    super.destroy();
   }
 }
 

@@ -5,8 +5,8 @@
 // generated continuations side by side. Every number is the API's; strings are set as text.
 
 import { getJSON, isStatic } from "./dash_api.js";
-import { ReadyTracker, dataTable, fmt, gridTable, missingOrError, pager, panel, selectBox } from "./dash_charts.js";
-import { h, hintsPanel, note, setDebug, state, subscribe } from "./dash_state.js";
+import { dataTable, DataView, fmt, gridTable, missingOrError, pager, panel, selectBox } from "./dash_charts.js";
+import { h, hintsPanel, note, state } from "./dash_state.js";
 
 const REDRAW = ["exp", "meta", "theme"];
 const PAGE = 50;
@@ -26,24 +26,13 @@ const BEST_COLUMNS = [
   { key: "reason", label: "how chosen" },
 ];
 
-class ExtractionView {
+class ExtractionView extends DataView {
   constructor(root) {
-    this.root = root;
-    this.gen = 0;
-    this.ready = new ReadyTracker("extraction");
+    super(root, "extraction", REDRAW);
     this.pick = "";     // entryKey of the trait shown below the table
     this.lensIndex = 0; // which vector of the logit lens
     this.offset = 0;    // contrastive page
-    this.debug = {};
-    this.unsubscribe = subscribe((changed) => {
-      if (REDRAW.some((key) => changed.has(key))) this.render();
-    });
     this.render();
-  }
-
-  publish(patch) {
-    Object.assign(this.debug, patch);
-    setDebug("extraction", this.debug);
   }
 
   async render() {
@@ -227,9 +216,7 @@ class ExtractionView {
   }
 
   destroy() {
-    this.gen += 1;
-    this.ready.stop();
-    this.unsubscribe();
+    super.destroy();
   }
 }
 

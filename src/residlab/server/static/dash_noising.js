@@ -5,8 +5,8 @@
 // experiment chosen above. Every number is the API's.
 
 import { getJSON, isStatic } from "./dash_api.js";
-import { ReadyTracker, boxPlot, dataTable, fmt, missingOrError, panel, selectBox } from "./dash_charts.js";
-import { h, note, setDebug, subscribe } from "./dash_state.js";
+import { boxPlot, dataTable, DataView, fmt, missingOrError, panel, selectBox } from "./dash_charts.js";
+import { h, note } from "./dash_state.js";
 
 const REDRAW = ["theme"];
 const METRICS = [["mean_logprob", "mean log-prob per token"], ["total_logprob", "total log-prob"]];
@@ -29,23 +29,12 @@ function vizHref(url) {
   return isStatic() ? String(url).replace(/^\/+/, "") : String(url);
 }
 
-class NoisingView {
+class NoisingView extends DataView {
   constructor(root) {
-    this.root = root;
-    this.gen = 0;
-    this.ready = new ReadyTracker("noising");
+    super(root, "noising", REDRAW);
     this.run = "";
     this.metric = "mean_logprob";
-    this.debug = {};
-    this.unsubscribe = subscribe((changed) => {
-      if (REDRAW.some((key) => changed.has(key))) this.render();
-    });
     this.render();
-  }
-
-  publish(patch) {
-    Object.assign(this.debug, patch);
-    setDebug("noising", this.debug);
   }
 
   async render() {
@@ -134,9 +123,7 @@ class NoisingView {
   }
 
   destroy() {
-    this.gen += 1;
-    this.ready.stop();
-    this.unsubscribe();
+    super.destroy();
   }
 }
 

@@ -8,9 +8,9 @@
 // answer, the trait definition and the judge). Every number is the API's.
 
 import { getJSON } from "./dash_api.js";
-import { chips, dataTable, experimentOverview, fmt, gridTable, missingOrError, pager, panel, ReadyTracker, selectBox, XYChart } from "./dash_charts.js";
+import { chips, dataTable, DataView, experimentOverview, fmt, gridTable, missingOrError, pager, panel, selectBox, XYChart } from "./dash_charts.js";
 import { COLOURS } from "./dash_lines.js";
-import { h, hintsPanel, note, setDebug, setViewReady, state, subscribe } from "./dash_state.js";
+import { h, hintsPanel, note, setViewReady, state } from "./dash_state.js";
 
 const REDRAW = ["exp", "meta", "theme"];
 const FACETS = ["vector_variant", "method", "position", "component", "direction"];
@@ -30,32 +30,21 @@ function markCells(table, cells, cls) {
   }
 }
 
-class SteeringView {
+class SteeringView extends DataView {
   constructor(root) {
-    this.root = root;
-    this.gen = 0;
+    super(root, "steering", REDRAW);
     this.summaryGen = 0;
     this.browserGen = 0;
     this.timer = 0;
-    this.ready = new ReadyTracker("steering");
     this.pick = "";
     this.minCoherence = DEFAULT_COHERENCE;
     this.chipState = null;       // {facet: Set} (null: every value on)
     this.browse = { layer: "all", direction: "all", sort: "layer", offset: 0 };
     this.expanded = null;        // the response row (its index) read in full
-    this.debug = {};
     this.chart = null;
-    this.unsubscribe = subscribe((changed) => {
-      if (REDRAW.some((key) => changed.has(key))) this.render();
-    });
     this.onResize = () => this.chart?.resize();
     window.addEventListener("resize", this.onResize);
     this.render();
-  }
-
-  publish(patch) {
-    Object.assign(this.debug, patch);
-    setDebug("steering", this.debug);
   }
 
   async render() {
@@ -353,12 +342,10 @@ class SteeringView {
   }
 
   destroy() {
-    this.gen += 1;
+    super.destroy();
     this.summaryGen += 1;
     this.browserGen += 1;
     clearTimeout(this.timer);
-    this.ready.stop();
-    this.unsubscribe();
     window.removeEventListener("resize", this.onResize);
     this.chart?.destroy();
   }
