@@ -409,6 +409,22 @@ def test_diff_spans_rank_the_files_clauses_with_absolute_tokens(client, world):
                                                              for s in low["spans"])
 
 
+
+def test_diff_files_of_the_wrong_shape_name_the_file_and_the_command(client, world):
+    pair = world["demo"] / "model_diff/base_vs_tuned"
+    logprobs = pair / "logprobs/hostile/2.json"
+    doc = json.loads(logprobs.read_text())
+    logprobs.write_text(json.dumps({**doc, "kl": doc["kl"][:-1]}))  # one short
+    message = error(client, "logprob_diff", 400, exp="demo", a="base", b="tuned", set="hostile")
+    assert str(logprobs) in message and "lists of one length" in message
+    assert "residlab diff logprobs" in message
+    per_token = pair / "per_token_diff" / JOY / "L2/hostile/10.json"
+    per_token.write_text(json.dumps({"prompt_id": "10", "per_token_delta": [0.1]}))
+    message = error(client, "diff_spans", 400, exp="demo", a="base", b="tuned", set="hostile",
+                    source="per_token", trait=JOY, layer="2")
+    assert str(per_token) in message and "'per_token_delta' and 'clauses'" in message
+    assert "residlab diff per-token" in message
+
 # --- noising -------------------------------------------------------------------------------------
 
 def _printed(records: list[dict]) -> tuple[list[tuple], list[tuple]]:

@@ -6,7 +6,7 @@ clauses of the per-token and log-prob diffs (``diff per-token`` / ``diff logprob
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,20 @@ def read_doc(data: DashboardFiles, path: Path, command: str) -> Any:
         return data.load(path, parse_json)
     except Invalid as error:
         raise UsageError(f"{path} is not valid ({error}); make it again with '{command}'") from None
+
+
+def read_prompt_docs(data: DashboardFiles, where: Path, ids: list[str], command: str,
+                     valid: Callable[[dict], bool], need: str) -> list[dict]:
+    """``{id}.json`` of every id in ``where`` with its ``prompt_id``; a document that is not
+    an object passing ``valid`` says what it ``need``s and the command that makes it again."""
+    docs = []
+    for prompt_id in ids:
+        path = data.child(where, f"{prompt_id}.json", is_dir=False)
+        doc = read_doc(data, path, command)
+        if not isinstance(doc, dict) or not valid(doc):
+            raise UsageError(f"{path} needs {need}; make it again with '{command}'")
+        docs.append({**doc, "prompt_id": prompt_id})
+    return docs
 
 
 # --- calibration ---------------------------------------------------------------------------------
@@ -196,17 +210,12 @@ def logprob_docs(data: DashboardFiles, p: Params) -> tuple[Experiment, str, str,
     if not ids:
         raise NotFound(f"no log-prob diff of {a} vs {b} on {prompt_set!r}; make it with "
                        f"'{command}'")
-    docs = []
-    for prompt_id in ids:
-        path = data.child(where, f"{prompt_id}.json", is_dir=False)
-        doc = read_doc(data, path, command)
-        ok = isinstance(doc, dict) and all(isinstance(doc.get(k), list) for k in (
-            "delta", "kl", "tokens")) and len(doc["delta"]) == len(doc["tokens"]) == len(
-            doc["kl"])
-        if not ok:
-            raise UsageError(f"{path} needs 'tokens', 'delta' and 'kl' lists of one length; "
-                             f"make it again with '{command}'")
-        docs.append({**doc, "prompt_id": prompt_id})
+    def valid(doc: dict) -> bool:
+        lists = [doc.get(key) for key in ("delta", "kl", "tokens")]
+        return all(isinstance(v, list) for v in lists) and len({len(v) for v in lists}) == 1
+
+    docs = read_prompt_docs(data, where, ids, command, valid,
+                            "'tokens', 'delta' and 'kl' lists of one length")
     return exp, a, b, prompt_set, docs
 
 

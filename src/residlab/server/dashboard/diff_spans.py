@@ -13,9 +13,14 @@ import numpy as np
 
 from residlab.analysis.model_diff.per_token import split_clauses
 from residlab.analysis.model_diff.spans import rank_spans
-from residlab.errors import NotFound, UsageError
+from residlab.errors import NotFound
 from residlab.experiments import Experiment
-from residlab.server.dashboard.analysis import diff_index, logprob_docs, read_doc, variant_pair
+from residlab.server.dashboard.analysis import (
+    diff_index,
+    logprob_docs,
+    read_prompt_docs,
+    variant_pair,
+)
 from residlab.server.dashboard.files import DashboardFiles, Params, cmd
 
 __all__ = ["HANDLERS", "export_keys"]
@@ -36,16 +41,12 @@ def _per_token_docs(data: DashboardFiles, p: Params, exp: Experiment, a: str, b:
     if not ids:
         raise NotFound(f"no per-token diff of {trait} at layer {layer} for {a} vs {b} on "
                        f"{prompt_set!r}; make it with '{command}'")
-    docs = []
-    for prompt_id in ids:
-        path = data.child(where, f"{prompt_id}.json", is_dir=False)
-        doc = read_doc(data, path, command)
-        if not isinstance(doc, dict) or not isinstance(doc.get("per_token_delta"), list) or (
-                not isinstance(doc.get("clauses"), list)):
-            raise UsageError(f"{path} needs 'per_token_delta' and 'clauses'; make it again "
-                             f"with '{command}'")
-        docs.append({**doc, "prompt_id": prompt_id, "delta": doc["per_token_delta"]})
-    return trait, layer, docs
+    def valid(doc: dict) -> bool:
+        return isinstance(doc.get("per_token_delta"), list) and isinstance(doc.get("clauses"),
+                                                                           list)
+
+    docs = read_prompt_docs(data, where, ids, command, valid, "'per_token_delta' and 'clauses'")
+    return trait, layer, [{**doc, "delta": doc["per_token_delta"]} for doc in docs]
 
 
 def _clauses(doc: dict) -> list[dict]:
